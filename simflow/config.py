@@ -1,0 +1,435 @@
+"""One validated configuration schema for every SimFlow entry point.
+
+The schema is a tree of dataclasses turned into an OmegaConf *structured* config, so that
+
+* YAML files (``configs/*.yaml``) and ``key=value`` command-line overrides are merged onto the schema;
+* an unknown key or a value of the wrong type fails at merge time, naming the key;
+* cross-field rules (``layers_per_block`` length, batch-size arithmetic, ...) are checked by :func:`validate`
+  before any model is built or any process group is started.
+
+Sections: ``model.vae``, ``model.flow``, ``loss``, ``data``, ``optim``, ``train``, ``parallel``, ``checkpoint``,
+``sample``, ``eval``, ``logging``.
+
+Typical use::
+
+    cfg = load_config("configs/tiny.yaml", ["train.steps=50", "model.flow.width=64"])
+
+Errors: :class:`ConfigError` (a subclass of ``ValueError``) whose message names the file and the key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message names the file and/or key."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class VAEConfig:
+    """LDM/REPA-E convolutional KL-autoencoder (method §3.1).
+
+    ``posterior="fixed"`` is SimFlow: the encoder predicts the mean only, the posterior std is the constant
+    ``posterior_std`` (method §3.2, default 0.5). ``posterior="learned"`` adds a log-variance head and a KL term
+    (the paper's learnable-variance ablation, method §10.3).
+    """
+
+    in_channels: int = 3
+    base_channels: int = 128
+    ch_mult: List[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: List[int] = field(default_factory=lambda: [16])
+    latent_channels: int = 64
+    dropout: float = 0.0
+    posterior: str = "fixed"  # fixed | learned
+    posterior_std: float = 0.5
+    norm_groups: int = 32
+
+
+@dataclass
+class FlowConfig:
+    """TarFlow/STARFlow-style autoregressive transformer flow over latent tokens (method §4).
+
+    ``layers_per_block`` lists the shallow blocks first and the deep block last (STARFlow deep-shallow design,
+    method §11.2); in the data->noise direction the deep block runs last (method §4.4).
+    """
+
+    patch_size: int = 1
+    width: int = 1152
+    num_blocks: int = 6
+    layers_per_block: List[int] = field(default_factory=lambda: [2, 2, 2, 2, 2, 46])
+    head_dim: int = 64
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    scale_param: str = "softplus"  # softplus (STARFlow) | exp (TarFlow)
+    soft_clip: float = 4.0  # a <- c*tanh(a/c) on raw head outputs; 0 disables (method §4.3 step 6)
+    latent_norm_reg: float = 0.0  # STARFlow 1e-4 * sum_k mean(z_k^2) (method §4.4), 0 = off
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 256
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class PerceptualConfig:
+    """LPIPS (VGG16 backbone, taming/LPIPS linear heads) — method §5.2.
+
+    ``weights`` is a path to a torchvision ``vgg16`` state dict (``.pth``/``.safetensors``). It must exist unless
+    ``random_init`` is true, which builds a randomly initialised backbone (tests and offline demos only).
+    """
+
+    weight: float = 1.0
+    weights: Optional[str] = None
+    random_init: bool = False
+
+
+@dataclass
+class GANConfig:
+    """PatchGAN discriminator with hinge loss (method §5.3). The generator term is off before ``start_step``."""
+
+    weight: float = 0.1
+    start_step: int = 0
+    ndf: int = 64
+    n_layers: int = 3
+    norm: str = "batch"  # batch | group | none
+
+
+@dataclass
+class REPAConfig:
+    """Optional REPA-E alignment of a flow hidden state to frozen DINOv2 patch features (method §6)."""
+
+    enabled: bool = False
+    weight: float = 0.5
+    layer: int = 8  # global transformer layer index counted from the data side (1-based), method §12 #9
+    projector_dim: int = 2048
+    teacher_arch: str = "vit_base_patch14_dinov2"
+    teacher_weights: Optional[str] = None
+    teacher_resolution: int = 224
+    teacher_kwargs: Dict[str, Any] = field(default_factory=dict)
+    random_init: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Joint generator objective L_G (method §5.2)."""
+
+    rec_weight: float = 1.0  # L1, mean over pixels of [-1, 1] images
+    nll_weight: float = 1.0  # lambda_NF on the per-dim flow NLL (nats/dim)
+    kl_weight: float = 1e-6  # learned-posterior mode only
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    repa: REPAConfig = field(default_factory=REPAConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data / optim / train / parallel / checkpoint / sample / eval / logging
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Where images come from. ``source``: ``npz`` (an in-memory NPZ, e.g. the demo set), ``shards`` (WebDataset
+    tars; local, ``s3://`` or ``pipe:``) or ``ffcv``."""
+
+    source: str = "npz"
+    path: str = "data/demo/demo.npz"
+    num_workers: int = 0
+    hflip: bool = True
+    resample: bool = False  # sample with replacement instead of exact epochs
+    s3_endpoint: Optional[str] = None
+    retries: int = 3
+    timeout_s: float = 60.0
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the generator (VAE + flow) and the discriminator; method §8 / §12 #8."""
+
+    lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    schedule: str = "constant"  # constant | cosine (both after linear warmup)
+    warmup_steps: int = 5000
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    disc_lr: float = 1e-4
+    disc_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800_000
+    micro_batch_size: int = 16
+    grad_accumulation: int = 1
+    global_batch_size: int = 0  # 0 = micro_batch_size * grad_accumulation * dp_size
+    label_drop: float = 0.1
+    ema_decay: float = 0.9999
+    ema_vae: bool = False
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    seed: int = 0
+    out_dir: str = "runs/default"
+    run_id: Optional[str] = None
+    log_every: int = 10
+    sample_every: int = 5000
+    sample_grid: int = 16
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "local"  # local | deepspeed
+    tp_size: int = 1
+    zero_stage: int = 3
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <train.out_dir>/checkpoints
+    every_steps: int = 5000
+    every_minutes: float = 0.0
+    keep: int = 2
+    resume: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """Sampling (method §4.5, §7). ``cfg_mode``: ``linear`` (TarFlow, all blocks), ``gaussian`` (STARFlow
+    Gaussian product, all blocks), ``deep_only`` (TarFlow linear guidance in the deep block only, MIMFlow/STARFlow)."""
+
+    cfg_scale: float = 2.0
+    cfg_mode: str = "deep_only"
+    cfg_anneal: bool = False
+    temperature: float = 1.0
+    batch_size: int = 64
+    num_samples: int = 50_000
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class EvalConfig:
+    inception_weights: Optional[str] = None
+    reference: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "simflow"
+    console: bool = True
+
+
+@dataclass
+class SimFlowConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading and validation
+# --------------------------------------------------------------------------------------------------------------
+_CHOICES = {
+    "model.vae.posterior": ("fixed", "learned"),
+    "model.flow.scale_param": ("softplus", "exp"),
+    "loss.gan.norm": ("batch", "group", "none"),
+    "data.source": ("npz", "shards", "ffcv"),
+    "optim.schedule": ("constant", "cosine"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "parallel.engine": ("local", "deepspeed"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "sample.cfg_mode": ("linear", "gaussian", "deep_only"),
+    "logging.wandb": ("offline", "online", "disabled"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<config>") -> None:
+    """Check cross-field rules that a type system cannot express.
+
+    Args:
+        cfg: a config object (dataclass instance, as returned by :func:`load_config`).
+        dp_size: data-parallel size, when known (launcher); enables the global-batch arithmetic check
+            ``global_batch_size == micro_batch_size * grad_accumulation * dp_size``.
+        source: file name used in error messages.
+
+    Raises:
+        ConfigError: naming the key and the offending value.
+    """
+
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{source}: {key}={_get(cfg, key)!r}: {msg}")
+
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            bad(key, f"must be one of {list(choices)}")
+    f, v = cfg.model.flow, cfg.model.vae
+    if f.num_blocks < 1:
+        bad("model.flow.num_blocks", "must be >= 1")
+    if len(f.layers_per_block) != f.num_blocks:
+        bad("model.flow.layers_per_block", f"has {len(f.layers_per_block)} entries but model.flow.num_blocks={f.num_blocks}")
+    if any(n < 1 for n in f.layers_per_block):
+        bad("model.flow.layers_per_block", "every block needs >= 1 layer")
+    if f.width % f.head_dim != 0:
+        bad("model.flow.width", f"must be divisible by model.flow.head_dim={f.head_dim}")
+    if cfg.parallel.tp_size < 1 or (f.width // f.head_dim) % cfg.parallel.tp_size != 0:
+        bad("parallel.tp_size", f"attention heads ({f.width // f.head_dim}) must be divisible by the TP size")
+    if v.posterior_std <= 0:
+        bad("model.vae.posterior_std", "must be > 0")
+    down = 2 ** (len(v.ch_mult) - 1)
+    if cfg.model.resolution % down != 0:
+        bad("model.resolution", f"must be divisible by the VAE downsampling factor {down} (len(ch_mult)-1 halvings)")
+    latent = cfg.model.resolution // down
+    if latent % f.patch_size != 0:
+        bad("model.flow.patch_size", f"must divide the latent size {latent}")
+    if v.base_channels % v.norm_groups != 0:
+        bad("model.vae.norm_groups", f"must divide model.vae.base_channels={v.base_channels}")
+    if not 0.0 <= cfg.train.label_drop < 1.0:
+        bad("train.label_drop", "must be in [0, 1)")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        bad("train.ema_decay", "must be in [0, 1)")
+    if cfg.train.micro_batch_size < 1:
+        bad("train.micro_batch_size", "must be >= 1")
+    if cfg.train.grad_accumulation < 1:
+        bad("train.grad_accumulation", "must be >= 1")
+    if cfg.checkpoint.keep < 1:
+        bad("checkpoint.keep", "must be >= 1")
+    r = cfg.loss.repa
+    if r.enabled and not 1 <= r.layer <= sum(f.layers_per_block):
+        bad("loss.repa.layer", f"must be in [1, {sum(f.layers_per_block)}] (total flow layers)")
+    if dp_size is not None and cfg.train.global_batch_size:
+        want = cfg.train.micro_batch_size * cfg.train.grad_accumulation * dp_size
+        if cfg.train.global_batch_size != want:
+            bad(
+                "train.global_batch_size",
+                f"must equal micro_batch_size ({cfg.train.micro_batch_size}) x grad_accumulation "
+                f"({cfg.train.grad_accumulation}) x DP size ({dp_size}) = {want}",
+            )
+
+
+def global_batch_size(cfg: SimFlowConfig, dp_size: int) -> int:
+    """Samples per optimizer step across all data-parallel ranks: micro-batch x accumulation x DP."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accumulation * dp_size
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), validate_now: bool = True) -> SimFlowConfig:
+    """Merge a YAML file and ``key=value`` overrides onto the schema, then validate.
+
+    Args:
+        path: YAML file, or None for the schema defaults. A YAML file may name ``defaults: [other.yaml]``
+            (relative to itself) to inherit from another file.
+        overrides: dotlist strings such as ``"train.steps=100"``.
+        validate_now: run :func:`validate` (without the DP-dependent check).
+
+    Returns:
+        A :class:`SimFlowConfig` dataclass instance.
+
+    Raises:
+        ConfigError: unknown key, wrong type, bad value, or unreadable file (message names file and key).
+    """
+    schema = OmegaConf.structured(SimFlowConfig)
+    source = path or "<defaults>"
+    try:
+        merged = schema
+        if path is not None:
+            for layer in _yaml_layers(path):
+                merged = OmegaConf.merge(merged, layer)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{source}: invalid config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+    if validate_now:
+        validate(obj, source=source)
+    return obj
+
+
+def _yaml_layers(path: str) -> List[DictConfig]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml parse errors
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    layers: List[DictConfig] = []
+    parents = node.pop("defaults", None) if isinstance(node, DictConfig) else None
+    for parent in parents or []:
+        layers.extend(_yaml_layers(os.path.join(os.path.dirname(path), str(parent))))
+    layers.append(node)
+    return layers
+
+
+def to_dict(cfg: SimFlowConfig) -> Dict[str, Any]:
+    """Plain nested dict (for checkpoints, logging and JSON sidecars)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: Dict[str, Any]) -> SimFlowConfig:
+    """Inverse of :func:`to_dict`, with schema checking (a checkpoint's stored config)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SimFlowConfig), OmegaConf.create(d)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"stored config: invalid key {getattr(e, 'full_key', None)!r}: {e}") from None
+
+
+def to_yaml(cfg: SimFlowConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+__all__ = [
+    "ConfigError",
+    "SimFlowConfig",
+    "ModelConfig",
+    "VAEConfig",
+    "FlowConfig",
+    "LossConfig",
+    "PerceptualConfig",
+    "GANConfig",
+    "REPAConfig",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ParallelConfig",
+    "CheckpointConfig",
+    "SampleConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "load_config",
+    "validate",
+    "global_batch_size",
+    "to_dict",
+    "from_dict",
+    "to_yaml",
+    "MISSING",
+]
