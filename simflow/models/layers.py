@@ -1,0 +1,107 @@
+"""Building blocks shared by the flow transformer: the linear-layer factory and adaLN modulation.
+
+The **linear-layer factory** is the seam through which tensor parallelism enters the model from outside
+(TorchTitan style): the flow transformer creates *every* linear layer by calling a factory with a ``parallel``
+hint, and never imports ``torch.distributed``.
+
+* ``parallel="column"``: output features may be split across tensor-parallel ranks (q, k, v, MLP up). The
+  layer's output then holds only this rank's slice, so callers derive per-rank head counts from the output width.
+* ``parallel="row"``: input features may be split across TP ranks; the output is complete (attention out,
+  MLP down).
+* ``parallel="none"``: always replicated (embeddings in, adaLN, output head).
+
+:class:`DenseLinearFactory` (the default) returns ordinary dense layers for all three hints. The engine's
+tensor-parallel factory (``simflow.parallel``) returns megatron-core ``ColumnParallelLinear`` /
+``RowParallelLinear`` wrappers for ``column``/``row``.
+
+Weights are initialised by ``init_fn`` applied to the **full** (unsharded) fp32 weight, in construction order,
+so that a TP factory that initialises a full master weight and keeps its slice (megatron-core
+``use_cpu_initialization=True``) yields the same full weights whatever the TP size. Biases start at zero.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+InitFn = Callable[[torch.Tensor], None]
+
+
+def normal_init(std: float = 0.02) -> InitFn:
+    """``N(0, std^2)`` initialiser (TarFlow/STARFlow use small-normal inits, method §4.3)."""
+
+    def init(w: torch.Tensor) -> None:
+        nn.init.normal_(w, mean=0.0, std=std)
+
+    return init
+
+
+def zeros_init(w: torch.Tensor) -> None:
+    """Zero initialiser (adaLN-Zero modulation and the flow's output head, method §4.3 steps 3 and 5)."""
+    nn.init.zeros_(w)
+
+
+def xavier_init(w: torch.Tensor) -> None:
+    """Xavier-uniform initialiser for square-ish projections."""
+    nn.init.xavier_uniform_(w)
+
+
+class DenseLinear(nn.Linear):
+    """``nn.Linear`` whose weight is initialised by ``init_fn`` only (bias zero), consuming the RNG exactly once.
+
+    Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``, any float dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_fn: Optional[InitFn] = None):
+        self._init_fn = init_fn or xavier_init
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:  # called by nn.Linear.__init__
+        with torch.no_grad():
+            self._init_fn(self.weight)
+            if self.bias is not None:
+                self.bias.zero_()
+
+
+class DenseLinearFactory:
+    """Default factory: a :class:`DenseLinear` for every ``parallel`` hint (single device / data parallel)."""
+
+    tp_size: int = 1
+
+    def __call__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        parallel: str = "none",
+        init_fn: Optional[InitFn] = None,
+    ) -> nn.Module:
+        if parallel not in ("column", "row", "none"):
+            raise ValueError(f"parallel must be 'column', 'row' or 'none', got {parallel!r}")
+        return DenseLinear(in_features, out_features, bias=bias, init_fn=init_fn)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift`` (DiT, arXiv 2212.09748 §3.2).
+
+    Shapes: ``x`` (B, T, D); ``shift``/``scale`` (B, D), broadcast over tokens.
+    """
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back (TarFlow computes norms in fp32, method §4.3 step 4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements (counts ZeRO-3-partitioned params by their ``ds_numel`` when present)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+
