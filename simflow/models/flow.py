@@ -1,0 +1,395 @@
+"""TarFlow/STARFlow-style autoregressive transformer flow over latent tokens (SimFlow method §4).
+
+Notation (method §4.2-4.4): a latent ``(B, C_lat, H, W)`` is patchified into ``T = (H/p)(W/p)`` tokens of
+``C = C_lat p^2`` channels, raster order. The flow is a stack of ``K`` autoregressive affine blocks
+(``layers_per_block`` shallow blocks first, the deep block last). Block ``k`` permutes the sequence (identity for
+even ``k``, reversed for odd ``k``), runs a causal transformer over ``[sos, x_0, ..., x_{T-2}]`` (STARFlow SOS
+variant, method §4.3 step 2 / §12 #5), so the output at position ``t`` depends on ``x_{<t}`` only, and maps
+
+    z_t = (x_t - b_t) / sigma_t,     log|det| = -sum_t,c log sigma_t,c               (method §4.3 step 6)
+
+with ``sigma = softplus(a + 0.5413)`` (STARFlow; ``sigma = 1`` at ``a = 0``) or ``sigma = exp(a)`` (TarFlow),
+where ``a`` is soft-clipped ``a <- c tanh(a / c)`` so the log-scale is bounded. The affine map and log-det are
+computed in fp32 whatever the autocast dtype. Class conditioning is DiT adaLN-Zero (6-way modulation per layer,
+zero-initialised, method §4.3 step 3) with a null class ``num_classes`` for classifier-free guidance; the output
+head is zero-initialised, so a fresh flow is the identity map (method §4.3 step 5).
+
+Guidance at sampling time (method §7): ``linear`` (TarFlow: a <- a_c + w (a_c - a_u), b likewise, every block),
+``gaussian`` (STARFlow product of Gaussians p_c^{1+w} / p_u^w, every block) and ``deep_only`` (TarFlow linear
+guidance in the deep block only; the shallow blocks use the conditional prediction, MIMFlow/STARFlow
+``cond_top_only``). ``anneal=True`` uses w_t = w (t+1) / T.
+
+No ``torch.distributed`` here: every linear layer is created by the linear-layer factory
+(:mod:`simflow.models.layers`); tensor parallelism swaps the factory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simflow.config import FlowConfig
+from simflow.models.layers import DenseLinearFactory, FP32LayerNorm, modulate, normal_init, xavier_init, zeros_init
+
+SOFTPLUS_SHIFT = 0.5413248546129181  # softplus(0.5413...) == 1 (STARFlow, method §4.3 step 6)
+LOG_2PI = math.log(2 * math.pi)
+
+
+def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, T, C*p*p), T = (H/p)*(W/p), patches in raster order (method §4.2)."""
+    b, c, h, w = z.shape
+    z = z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int, size: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, T, C*p*p) -> (B, C, size, size)."""
+    b = x.shape[0]
+    n = size // p
+    x = x.reshape(b, n, n, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, size, size)
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance settings for :meth:`TransformerFlow.inverse` (method §7).
+
+    ``scale`` is w (0 = no guidance), ``mode`` one of ``linear`` | ``gaussian`` | ``deep_only``,
+    ``anneal`` ramps w_t = w (t+1)/T over the token index t.
+    """
+
+    scale: float = 0.0
+    mode: str = "deep_only"
+    anneal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("linear", "gaussian", "deep_only"):
+            raise ValueError(f"guidance mode must be 'linear', 'gaussian' or 'deep_only', got {self.mode!r}")
+
+    def active_in(self, block_index: int, num_blocks: int) -> bool:
+        if self.scale == 0.0:
+            return False
+        return self.mode != "deep_only" or block_index == num_blocks - 1
+
+    def weight(self, t: int, num_tokens: int) -> float:
+        return self.scale * (t + 1) / num_tokens if self.anneal else self.scale
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with an optional KV cache.
+
+    q, k, v come from "column" layers and the output projection from a "row" layer, so under tensor parallelism
+    each rank holds ``q.shape[-1] // head_dim`` heads; the module infers its local head count from the shapes.
+    Shapes: x (B, T, D) -> (B, T, D). Scale 1/sqrt(head_dim) (method §4.3 step 4).
+    """
+
+    def __init__(self, dim: int, head_dim: int, linear_factory):
+        super().__init__()
+        self.head_dim = head_dim
+        init = xavier_init
+        self.q = linear_factory(dim, dim, parallel="column", init_fn=init)
+        self.k = linear_factory(dim, dim, parallel="column", init_fn=init)
+        self.v = linear_factory(dim, dim, parallel="column", init_fn=init)
+        self.out = linear_factory(dim, dim, parallel="row", init_fn=init)
+
+    def forward(self, x: torch.Tensor, cache: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        heads = q.shape[-1] // self.head_dim
+        q, k, v = (y.reshape(b, t, heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Incremental decoding: the new tokens attend to every cached (earlier) token and causally to themselves.
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            past = k.shape[2] - t
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(b, t, heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Linear D->hD ("column"), GELU, Linear hD->D ("row"). Shapes: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim: int, hidden: int, linear_factory):
+        super().__init__()
+        self.up = linear_factory(dim, hidden, parallel="column", init_fn=xavier_init)
+        self.down = linear_factory(hidden, dim, parallel="row", init_fn=xavier_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer with DiT adaLN-Zero conditioning (arXiv 2212.09748 §3.2; method §4.3 step 3).
+
+    ``x + gate * Sublayer(LN(x) * (1 + scale) + shift)`` for attention and MLP; the 6-way modulation is a
+    zero-initialised Linear(SiLU(c)), so a fresh layer is the identity.
+    Shapes: x (B, T, D), c (B, D) -> (B, T, D).
+    """
+
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: float, linear_factory):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, head_dim, linear_factory)
+        self.norm2 = FP32LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), linear_factory)
+        self.ada = linear_factory(dim, 6 * dim, parallel="none", init_fn=zeros_init)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: Optional[Dict] = None) -> torch.Tensor:
+        sa, ca, ga, sm, cm, gm = self.ada(F.silu(c)).chunk(6, dim=-1)
+        x = x + ga.unsqueeze(1) * self.attn(modulate(self.norm1(x), sa, ca), cache)
+        return x + gm.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sm, cm))
+
+
+class FlowBlock(nn.Module):
+    """One autoregressive affine flow block (method §4.3), operating on the already-permuted sequence.
+
+    ``params(x_in, c)`` maps the shifted input ``[sos, x_0..x_{T-2}]`` (B, T, C) to raw (a, b), each (B, T, C),
+    where position t depends on x_{<t} only.
+    """
+
+    def __init__(self, cfg: FlowConfig, token_dim: int, num_tokens: int, num_layers: int, linear_factory):
+        super().__init__()
+        d = cfg.width
+        self.token_dim = token_dim
+        self.proj_in = linear_factory(token_dim, d, parallel="none", init_fn=xavier_init)
+        self.pos_emb = nn.Parameter(torch.empty(num_tokens, d))
+        self.sos = nn.Parameter(torch.empty(1, 1, token_dim))
+        self.layers = nn.ModuleList(
+            [TransformerLayer(d, cfg.head_dim, cfg.mlp_ratio, linear_factory) for _ in range(num_layers)]
+        )
+        self.norm_out = FP32LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ada_out = linear_factory(d, 2 * d, parallel="none", init_fn=zeros_init)
+        self.head = linear_factory(d, 2 * token_dim, parallel="none", init_fn=zeros_init)
+        with torch.no_grad():
+            nn.init.normal_(self.pos_emb, std=0.01)  # method §4.3 step 2 (TarFlow init)
+            nn.init.normal_(self.sos, std=0.02)
+
+    def params(
+        self,
+        x_in: torch.Tensor,
+        c: torch.Tensor,
+        start: int = 0,
+        caches: Optional[List[Dict]] = None,
+        hidden_at: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Raw head outputs for positions ``start .. start + x_in.shape[1] - 1``.
+
+        Args:
+            x_in: (B, t, C) shifted inputs for those positions.
+            c: (B, D) condition vector.
+            caches: one dict per layer for incremental decoding, or None.
+            hidden_at: 0-based layer index whose output hidden state (B, t, D) to return (REPA), or None.
+        Returns:
+            (a, b, hidden): a, b float (B, t, C) in the autocast dtype; hidden or None.
+        """
+        t = x_in.shape[1]
+        h = self.proj_in(x_in) + self.pos_emb[start : start + t]
+        hidden = None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, c, None if caches is None else caches[i])
+            if hidden_at is not None and i == hidden_at:
+                hidden = h
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
+        out = self.head(modulate(self.norm_out(h), shift, scale))
+        a, b = out.chunk(2, dim=-1)
+        return a, b, hidden
+
+    def shifted(self, x: torch.Tensor) -> torch.Tensor:
+        """[sos, x_0, ..., x_{T-2}]: (B, T, C) -> (B, T, C)."""
+        return torch.cat([self.sos.expand(x.shape[0], 1, -1).to(x.dtype), x[:, :-1]], dim=1)
+
+
+class TransformerFlow(nn.Module):
+    """The latent normalizing flow p_theta(z | y) (method §4).
+
+    Args:
+        cfg: :class:`simflow.config.FlowConfig`.
+        in_channels: latent channels C_lat of the VAE.
+        latent_size: latent height = width (e.g. 16 for f16 at 256 px).
+        linear_factory: the linear-layer factory (default dense; the engine passes a tensor-parallel one).
+
+    ``forward(z_img, y)`` goes data -> noise and returns ``(z, log_det, aux)``; ``inverse(noise, y, ...)`` goes
+    noise -> data autoregressively with a KV cache; ``inverse_naive`` recomputes the prefix each step (tests).
+    """
+
+    def __init__(self, cfg: FlowConfig, in_channels: int, latent_size: int, linear_factory=None):
+        super().__init__()
+        linear_factory = linear_factory or DenseLinearFactory()
+        if latent_size % cfg.patch_size:
+            raise ValueError(f"model.flow.patch_size={cfg.patch_size} must divide the latent size {latent_size}")
+        self.cfg = cfg
+        self.in_channels = in_channels
+        self.latent_size = latent_size
+        self.patch_size = cfg.patch_size
+        self.token_dim = in_channels * cfg.patch_size**2
+        self.num_tokens = (latent_size // cfg.patch_size) ** 2
+        self.num_classes = cfg.num_classes
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.width)  # index num_classes = null (CFG)
+        with torch.no_grad():
+            nn.init.normal_(self.class_emb.weight, std=0.02)
+        self.blocks = nn.ModuleList(
+            [FlowBlock(cfg, self.token_dim, self.num_tokens, n, linear_factory) for n in cfg.layers_per_block]
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def num_dims(self) -> int:
+        """d = T * C latent dimensions per sample."""
+        return self.num_tokens * self.token_dim
+
+    @staticmethod
+    def _permute(x: torch.Tensor, k: int) -> torch.Tensor:
+        """Block k's order: identity for even k, reversed for odd k (method §4.3 step 1). Self-inverse."""
+        return x.flip(1) if k % 2 else x
+
+    def _affine_params(self, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Raw (a, b) -> (log_sigma, b) in fp32, with the soft clip on a (method §4.3 step 6)."""
+        a, b = a.float(), b.float()
+        c = self.cfg.soft_clip
+        if c > 0:
+            a = c * torch.tanh(a / c)
+        if self.cfg.scale_param == "softplus":
+            log_sigma = torch.log(F.softplus(a + SOFTPLUS_SHIFT))
+        else:
+            log_sigma = a
+        return log_sigma, b
+
+    def condition(self, y: torch.Tensor) -> torch.Tensor:
+        """(B,) int64 labels in [0, num_classes] (num_classes = null) -> (B, D) condition vectors."""
+        if y.min() < 0 or y.max() > self.num_classes:
+            raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = null), got {y.tolist()}")
+        return self.class_emb(y)
+
+    # ------------------------------------------------------------------------------------------------------
+    def forward(
+        self, z_img: torch.Tensor, y: torch.Tensor, hidden_layer: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """Data -> noise.
+
+        Args:
+            z_img: latent (B, C_lat, H, W), any float dtype.
+            y: (B,) int64 class labels (``num_classes`` = null class).
+            hidden_layer: 1-based global transformer layer (counted from the data side) whose hidden state to
+                return for REPA, or None.
+        Returns:
+            z: (B, T, C) float32 noise-side tokens (should be N(0, I) after training).
+            log_det: (B,) float32, sum over blocks, tokens and channels of log|dz/dx|, in nats.
+            aux: ``block_outputs`` list of (B, T, C) (for the latent-norm regulariser) and, when requested,
+                ``hidden`` (B, T, D) un-permuted to raster order (position t is the state that predicts token t).
+        """
+        c = self.condition(y)
+        x = patchify(z_img, self.patch_size).float()
+        log_det = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        aux: Dict[str, torch.Tensor] = {}
+        outputs = []
+        seen = 0
+        for k, block in enumerate(self.blocks):
+            xp = self._permute(x, k)
+            want = None
+            if hidden_layer is not None and seen < hidden_layer <= seen + len(block.layers):
+                want = hidden_layer - seen - 1
+            a, b, hidden = block.params(block.shifted(xp), c, hidden_at=want)
+            log_sigma, b = self._affine_params(a, b)
+            zp = (xp - b) * torch.exp(-log_sigma)
+            log_det = log_det - log_sigma.sum(dim=(1, 2))
+            x = self._permute(zp, k)
+            outputs.append(x)
+            if hidden is not None:
+                aux["hidden"] = self._permute(hidden, k)
+            seen += len(block.layers)
+        aux["block_outputs"] = outputs
+        return x, log_det, aux
+
+    def nll_loss(self, z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+        """Per-sample TarFlow loss L_NF = 1/2 mean_dims(z^2) - log_det / d, in nats/dim **without** the
+        1/2 log(2 pi) constant (method §4.4). Shapes: z (B, T, C), log_det (B,) -> (B,)."""
+        return 0.5 * z.float().pow(2).mean(dim=(1, 2)) - log_det / self.num_dims
+
+    @staticmethod
+    def nll_nats_per_dim(loss: torch.Tensor) -> torch.Tensor:
+        """Exact NLL in nats/dim from :meth:`nll_loss`: L_NF + 1/2 log(2 pi) (method §4.4)."""
+        return loss + 0.5 * LOG_2PI
+
+    @staticmethod
+    def bits_per_dim(loss: torch.Tensor) -> torch.Tensor:
+        """NLL in bits/dim from :meth:`nll_loss`: (L_NF + 1/2 log 2 pi) / ln 2 (method §4.4)."""
+        return (loss + 0.5 * LOG_2PI) / math.log(2)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _guided(
+        self, a: torch.Tensor, b: torch.Tensor, guide: Optional[Guidance], w: float
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Combine [cond; uncond] raw params (2B, ...) into guided (log_sigma, b) for B samples (method §7)."""
+        if guide is None:
+            return self._affine_params(a, b)
+        n = a.shape[0] // 2
+        if guide.mode in ("linear", "deep_only"):
+            a = a[:n] + w * (a[:n] - a[n:])
+            b = b[:n] + w * (b[:n] - b[n:])
+            return self._affine_params(a, b)
+        ls, mu = self._affine_params(a, b)
+        ls_c, ls_u, mu_c, mu_u = ls[:n], ls[n:], mu[:n], mu[n:]
+        s = torch.exp(2 * (ls_c - ls_u)).clamp(max=1.0)  # min(sigma_c / sigma_u, 1)^2
+        denom = 1 + w - w * s
+        mu_g = ((1 + w) * mu_c - w * s * mu_u) / denom
+        return ls_c - 0.5 * torch.log(denom), mu_g
+
+    @torch.no_grad()
+    def inverse(
+        self,
+        noise: torch.Tensor,
+        y: torch.Tensor,
+        guidance: Optional[Guidance] = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Noise -> latent, token by token (method §4.5).
+
+        Args:
+            noise: (B, T, C) float tokens (temperature is applied by the caller: noise = tau * eps).
+            y: (B,) int64 labels (null = ``num_classes`` gives unconditional samples).
+            guidance: CFG settings or None (scale 0 is the exact inverse of :meth:`forward`).
+            use_cache: KV-cached decoding (one token per step through the layers) or naive prefix recomputation.
+        Returns:
+            latent (B, C_lat, H, W) float32.
+        """
+        x = noise.float()
+        bsz = x.shape[0]
+        c_cond = self.condition(y)
+        c_both = torch.cat([c_cond, self.condition(torch.full_like(y, self.num_classes))])
+        n_blocks = len(self.blocks)
+        for k in reversed(range(n_blocks)):
+            block = self.blocks[k]
+            guide = guidance if (guidance is not None and guidance.active_in(k, n_blocks)) else None
+            c = c_both if guide is not None else c_cond
+            zp = self._permute(x, k)
+            xp = torch.zeros_like(zp)
+            caches = [dict() for _ in block.layers] if use_cache else None
+            for t in range(self.num_tokens):
+                sos = block.sos.expand(bsz, 1, -1).to(zp.dtype)
+                if use_cache:  # feed only the newest token; earlier keys/values come from the cache
+                    inp, start = (sos if t == 0 else xp[:, t - 1 : t]), t
+                else:  # recompute the whole prefix [sos, x_0 .. x_{t-1}]
+                    inp, start = torch.cat([sos, xp[:, :t]], dim=1), 0
+                if guide is not None:
+                    inp = torch.cat([inp, inp])
+                a, b, _ = block.params(inp, c, start=start, caches=caches)
+                a, b = a[:, -1:], b[:, -1:]
+                w = guide.weight(t, self.num_tokens) if guide is not None else 0.0
+                log_sigma, mu = self._guided(a, b, guide, w)
+                xp[:, t : t + 1] = zp[:, t : t + 1] * torch.exp(log_sigma) + mu
+            x = self._permute(xp, k)
+        return unpatchify(x, self.patch_size, self.in_channels, self.latent_size)
+
+    def inverse_naive(self, noise: torch.Tensor, y: torch.Tensor, guidance: Optional[Guidance] = None) -> torch.Tensor:
+        """Reference inverse without KV cache: recomputes the whole prefix at every token (tests only)."""
+        return self.inverse(noise, y, guidance, use_cache=False)
