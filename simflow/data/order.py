@@ -1,0 +1,189 @@
+"""The deterministic global sample order (design.md "Loader state"; issue 3 "Deterministic global order").
+
+Every sample ever handed to the trainer has a **global position** ``p = 0, 1, 2, ...`` counted over the whole run,
+over all ranks. The order is a pure function of ``(seed, p)``:
+
+* epoch ``e = p // N`` and offset ``o = p % N`` (``N`` = number of samples in the data set);
+* exact-epoch mode (default): the sample at ``p`` is ``perm(seed, e)[o]``, where ``perm(seed, e)`` is a uniformly
+  random permutation of ``range(N)`` drawn from ``numpy.random.PCG64(SeedSequence([seed, e, 0]))``. So positions
+  ``[e*N, (e+1)*N)`` visit every sample exactly once;
+* resampling mode (``data.resample=true``): the sample at ``p`` is ``draw(seed, e)[o]``, where ``draw(seed, e)`` is
+  ``N`` independent uniform draws *with replacement* from the same kind of generator (stream id 1). An "epoch" is
+  then just a block of ``N`` positions: some samples appear several times and about ``N/e`` never.
+
+**Dealing positions to ranks.** A global batch of ``G = micro_batch_size * grad_accumulation * dp_size`` samples at
+optimizer step ``s`` covers positions ``[s*G, (s+1)*G)``. It is cut into ``grad_accumulation * dp_size`` micro-batches
+of ``B = micro_batch_size`` consecutive positions; micro-batch ``j = m * dp_size + dp_rank`` goes to rank
+``dp_rank`` at accumulation step ``m``. Equivalently, the run is a sequence of *rounds* of ``dp_size * B`` positions
+(round ``r = s * grad_accumulation + m``) and rank ``k`` takes positions ``r*dp_size*B + k*B + [0, B)``. Which
+samples make up a global batch thus depends only on ``(seed, s, G)``, never on how many ranks share it, and a run
+that stopped after ``consumed_samples`` positions continues at any world size with the same global batch.
+
+**Per-sample randomness** (horizontal flip here; posterior noise and label dropout in the trainer) comes from a
+counter-based hash of ``(seed, stream, epoch, position)`` (:func:`per_sample_uniform`), not from a rank's RNG
+stream, so it is identical whichever rank or worker processes the sample.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Tuple
+
+import numpy as np
+
+# Stream ids for the seed sequences / hashes; fixed forever (changing one changes every order).
+STREAM_PERMUTATION = 0
+STREAM_RESAMPLE = 1
+STREAM_HFLIP = 2
+STREAM_SUBSTITUTE = 3
+
+_U64 = np.uint64
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014):
+    a bijective avalanche hash of uint64 -> uint64, elementwise (wrap-around arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + _U64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+        return z ^ (z >> _U64(31))
+
+
+def per_sample_hash(seed: int, stream: int, epoch, position) -> np.ndarray:
+    """64-bit hash of ``(seed, stream, epoch, position)``, elementwise over broadcast arrays.
+
+    Args:
+        seed: run seed (``train.seed``), >= 0.
+        stream: what the randomness is for (``STREAM_*`` constant or any caller-chosen int >= 0).
+        epoch, position: int arrays (or scalars) of the same broadcastable shape.
+
+    Returns:
+        uint64 array of the broadcast shape.
+    """
+    e = np.asarray(epoch).astype(np.uint64)
+    p = np.asarray(position).astype(np.uint64)
+    h = _mix64(np.full(np.broadcast(e, p).shape, _U64(seed & 0xFFFFFFFFFFFFFFFF)))
+    with np.errstate(over="ignore"):
+        h = _mix64(h ^ _U64(stream))
+        h = _mix64(h ^ e)
+        h = _mix64(h ^ p)
+    return h
+
+
+def per_sample_uniform(seed: int, stream: int, epoch, position) -> np.ndarray:
+    """Uniform float64 in [0, 1) from :func:`per_sample_hash` (top 53 bits / 2**53), elementwise."""
+    return (per_sample_hash(seed, stream, epoch, position) >> _U64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+def micro_batch_positions(round_index: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> np.ndarray:
+    """Global positions of one rank's micro-batch in round ``round_index``.
+
+    Round ``r`` = optimizer step ``s`` and accumulation step ``m`` with ``r = s * grad_accumulation + m``.
+
+    Returns:
+        int64 (micro_batch_size,): ``r*dp_size*B + dp_rank*B + [0, B)``.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+    start = (round_index * dp_size + dp_rank) * micro_batch_size
+    return np.arange(start, start + micro_batch_size, dtype=np.int64)
+
+
+def step_positions(step: int, micro_step: int, dp_rank: int, dp_size: int, micro_batch_size: int, grad_accumulation: int) -> np.ndarray:
+    """Positions of rank ``dp_rank``'s micro-batch ``micro_step`` of optimizer step ``step`` (int64 (B,)).
+
+    Micro-batch ``j = micro_step * dp_size + dp_rank`` of the global batch ``[step*G, (step+1)*G)``.
+    """
+    if not 0 <= micro_step < grad_accumulation:
+        raise ValueError(f"micro_step={micro_step} is outside [0, grad_accumulation={grad_accumulation})")
+    return micro_batch_positions(step * grad_accumulation + micro_step, dp_rank, dp_size, micro_batch_size)
+
+
+class GlobalOrder:
+    """Maps global positions to sample ids (see the module docstring for the exact rule).
+
+    Args:
+        num_samples: N, samples in the data set (> 0).
+        seed: run seed (>= 0).
+        resample: draw with replacement instead of exact epochs.
+        cache_epochs: how many epoch permutations to keep in memory (8 bytes x N each).
+    """
+
+    def __init__(self, num_samples: int, seed: int, resample: bool = False, cache_epochs: int = 2):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples={num_samples}: the data set is empty")
+        if seed < 0:
+            raise ValueError(f"seed={seed}: must be >= 0")
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.resample = bool(resample)
+        self._cache: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._cache_epochs = max(1, cache_epochs)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Sample ids in position order for one epoch: int64 (N,). A permutation unless ``resample``."""
+        order = self._cache.get(epoch)
+        if order is not None:
+            self._cache.move_to_end(epoch)
+            return order
+        stream = STREAM_RESAMPLE if self.resample else STREAM_PERMUTATION
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), stream])))
+        if self.resample:
+            order = rng.integers(0, self.num_samples, size=self.num_samples, dtype=np.int64)
+        else:
+            order = rng.permutation(self.num_samples).astype(np.int64)
+        order.setflags(write=False)
+        self._cache[epoch] = order
+        while len(self._cache) > self._cache_epochs:
+            self._cache.popitem(last=False)
+        return order
+
+    def samples_at(self, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Sample ids and epochs of global positions.
+
+        Args:
+            positions: int64 (B,) global positions (>= 0).
+
+        Returns:
+            (sample_ids int64 (B,), epochs int64 (B,)).
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and positions.min() < 0:
+            raise ValueError("global positions must be >= 0")
+        epochs, offsets = np.divmod(positions, self.num_samples)
+        ids = np.empty_like(positions)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            ids[sel] = self.epoch_order(int(e))[offsets[sel]]
+        return ids, epochs
+
+    def hflip(self, positions: np.ndarray) -> np.ndarray:
+        """Whether to mirror each sample horizontally: bool (B,), probability 1/2, from
+        ``per_sample_uniform(seed, STREAM_HFLIP, epoch, position)`` only."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return per_sample_uniform(self.seed, STREAM_HFLIP, positions // self.num_samples, positions) < 0.5
+
+    def substitute(self, position: int, attempt: int) -> int:
+        """A deterministic stand-in sample id for an unreadable sample at ``position`` (attempt 1, 2, ...).
+
+        Used when a sample is corrupt so that every rank still takes the same number of steps with full batches:
+        the stand-in is ``epoch_order(e)[(o + k) % N]`` with ``k`` from :func:`per_sample_hash` of
+        ``(seed, STREAM_SUBSTITUTE, attempt, position)`` -- a pure function of the position and the data.
+        """
+        e, o = divmod(int(position), self.num_samples)
+        k = int(per_sample_hash(self.seed, STREAM_SUBSTITUTE, attempt, position) % _U64(self.num_samples))
+        return int(self.epoch_order(e)[(o + max(k, 1)) % self.num_samples])
+
+
+__all__ = [
+    "GlobalOrder",
+    "micro_batch_positions",
+    "step_positions",
+    "per_sample_hash",
+    "per_sample_uniform",
+    "STREAM_PERMUTATION",
+    "STREAM_RESAMPLE",
+    "STREAM_HFLIP",
+    "STREAM_SUBSTITUTE",
+]
