@@ -118,6 +118,7 @@ class REPAConfig:
     weight: float = 0.5
     layer: int = 8  # global transformer layer index counted from the data side (1-based), method §12 #9
     projector_dim: int = 2048
+    teacher_dim: int = 768  # DINOv2 ViT-B/14 patch-feature width
     teacher_arch: str = "vit_base_patch14_dinov2"
     teacher_weights: Optional[str] = None
     teacher_resolution: int = 224

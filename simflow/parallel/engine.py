@@ -65,3 +65,132 @@ class Engine:
 
     def full_params(self, ema: bool = True) -> contextlib.AbstractContextManager:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def frozen(self) -> contextlib.AbstractContextManager:  # pragma: no cover - interface
+        """Context in which the module's parameters get no gradients (used for D during the generator pass)."""
+        raise NotImplementedError
+
+
+class LocalEngine(Engine):
+    """Single-process engine (CPU or one GPU): plain parameters, ``torch.optim.AdamW``, fp32 master weights.
+
+    Args:
+        module: the model (already on its device).
+        optim: ``(lr, betas, weight_decay, eps)`` of AdamW and the LR schedule (``lr_at``) arguments.
+        grad_accumulation: micro-batches per optimizer step; :meth:`backward` scales the loss by its inverse.
+        grad_clip: max global L2 norm of the gradients (0 disables), method §8.
+        ema_prefixes: names of sub-modules whose EMA is kept (e.g. ``["flow"]``), decay ``ema_decay``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float,
+        betas: Sequence[float],
+        weight_decay: float,
+        eps: float,
+        grad_accumulation: int = 1,
+        grad_clip: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+        total_steps: int = 1,
+        min_lr: float = 0.0,
+        ema_prefixes: Sequence[str] = (),
+        ema_decay: float = 0.9999,
+    ):
+        self.module = module
+        self.grad_accumulation = grad_accumulation
+        self.grad_clip = grad_clip
+        self._sched = dict(base_lr=lr, warmup_steps=warmup_steps, schedule=schedule, total_steps=total_steps, min_lr=min_lr)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        self.steps = 0
+        self.ema_decay = ema_decay
+        self.ema: Dict[str, torch.Tensor] = {
+            name: p.detach().clone().float()
+            for name, p in module.named_parameters()
+            if any(name == pre or name.startswith(pre + ".") for pre in ema_prefixes)
+        }
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(0, **self._sched)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accumulation).backward()
+
+    def step(self) -> Dict[str, float]:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.steps, **self._sched)
+        return {"grad_norm": float(norm), "lr": lr}
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        """ema <- d * ema + (1 - d) * param (fp32), method §8 (EMA 0.9999 on the flow)."""
+        if not self.ema:
+            return
+        params = dict(self.module.named_parameters())
+        for name, e in self.ema.items():
+            e.lerp_(params[name].detach().float(), 1.0 - self.ema_decay)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Parameters receive no gradients inside the block (the discriminator during the generator pass)."""
+        flags = [(p, p.requires_grad) for p in self.module.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, f in flags:
+                p.requires_grad_(f)
+
+    def state_dict(self) -> Dict:
+        return {
+            "module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "ema": {k: v.clone() for k, v in self.ema.items()},
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, sd: Dict) -> None:
+        self.module.load_state_dict(sd["module"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        for k, v in sd["ema"].items():
+            if k not in self.ema:
+                raise KeyError(f"checkpoint has an EMA entry {k!r} that this model does not track")
+            self.ema[k].copy_(v)
+        self.steps = int(sd["steps"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.steps, **self._sched)
+
+    def full_state_dict(self, ema: bool = True) -> Dict[str, torch.Tensor]:
+        sd = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items() if v.is_floating_point()}
+        if ema:
+            sd.update({k: v.cpu().clone() for k, v in self.ema.items()})
+        return sd
+
+    @contextlib.contextmanager
+    def full_params(self, ema: bool = True) -> Iterator[nn.Module]:
+        """Temporarily load the EMA weights into the module (restored on exit)."""
+        if not ema or not self.ema:
+            yield self.module
+            return
+        params = dict(self.module.named_parameters())
+        backup = {k: params[k].detach().clone() for k in self.ema}
+        with torch.no_grad():
+            for k, e in self.ema.items():
+                params[k].copy_(e)
+        try:
+            yield self.module
+        finally:
+            with torch.no_grad():
+                for k, b in backup.items():
+                    params[k].copy_(b)

@@ -1,0 +1,356 @@
+"""The SimFlow training loop (method §5.4), readable top to bottom.
+
+One optimizer step = ``grad_accumulation`` micro-batches on each of ``dp_size`` data-parallel ranks:
+
+    for each micro-batch (images x, labels y, global sample indices i):
+        eps      = N(0, I) drawn from (seed, i)           # posterior noise, method §3.2
+        y_in     = y or null with p = label_drop from (seed, i)   # CFG label dropout, method §2
+        out      = generator(x, y_in, eps)                # VAE encode -> z = mu + s eps -> decode; flow NLL of z
+        L_G      = L1 + LPIPS + GAN + lambda NLL (+KL) (+REPA)    # method §5.2, D frozen
+        generator.backward(L_G); discriminator.backward(hinge(D(x), D(x_hat.detach())))
+    generator.step(); discriminator.step(); EMA update of the flow   # method §5.4 steps 5-7
+
+The trainer talks to weights only through the :class:`~simflow.parallel.engine.Engine` interface and to data only
+through the loader's (consumed-samples) state, so the same loop runs in one process or under torchrun/srun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from simflow.checkpoint.store import CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from simflow.config import SimFlowConfig, from_dict, to_dict
+from simflow.losses.joint import discriminator_loss, generator_loss, nll_lower_bound
+from simflow.models.discriminator import NLayerDiscriminator
+from simflow.models.simflow import SimFlowModel
+from simflow.parallel.engine import Engine, LocalEngine
+from simflow.sampling import sample_images, save_grid
+from simflow.train.metrics import MetricsLogger, plot_loss_curve
+from simflow.train.noise import STREAM_POSTERIOR, drop_labels, per_sample_normal
+
+log = logging.getLogger("simflow")
+
+
+@dataclass
+class Topology:
+    """Where this process sits. The single-process default; the launcher passes the distributed one
+    (``simflow.parallel.topology``) with the same fields."""
+
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(cfg: SimFlowConfig) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: SimFlowConfig, device: torch.device) -> torch.dtype:
+    """bf16 autocast on CUDA, fp32 on CPU (``train.precision=auto``; method §8)."""
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def code_version() -> str:
+    """The git commit of the package source, or 'unknown'."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def rng_state() -> Dict[str, Any]:
+    """Per-rank RNG states (torch CPU/CUDA, numpy, python) as weights_only-loadable containers."""
+    state = {"torch": torch.get_rng_state(), "numpy": _np_state(), "python": _py_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _np_state() -> Dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+            "cached": cached}
+
+
+def _py_state() -> List[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    """Builds everything from a config and runs the loop. See the module docstring for one step."""
+
+    def __init__(self, cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None):
+        self.cfg = cfg
+        self.topo = topology or Topology(device=resolve_device(cfg))
+        self.device = self.topo.device
+        self.dtype = autocast_dtype(cfg, self.device)
+        self.out_dir = cfg.train.out_dir
+        self.ckpt_dir = cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
+        self.run_id = cfg.train.run_id or os.path.basename(os.path.normpath(self.out_dir))
+        # Teachers first: a missing weights file must stop the run before anything expensive happens.
+        from simflow.losses.perceptual import build_perceptual
+
+        self.perceptual = build_perceptual(cfg.loss.perceptual)
+        if self.perceptual is not None:
+            self.perceptual.to(self.device)
+        self.teacher = None
+        if cfg.loss.repa.enabled:
+            from simflow.losses.teacher import build_teacher
+
+            self.teacher = build_teacher(cfg.loss.repa).to(self.device)
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and for any TP size
+        build_engine = build_engine or _build_local_engine
+        self.gen: Engine = build_engine(cfg, lambda factory=None: SimFlowModel(cfg, factory), "generator",
+                                        ["flow", "vae"] if cfg.train.ema_vae else ["flow"], self.topo)
+        self.disc: Optional[Engine] = None
+        if cfg.loss.gan.weight > 0:
+            g = cfg.loss.gan
+            self.disc = build_engine(cfg, lambda factory=None: NLayerDiscriminator(3, g.ndf, g.n_layers, g.norm),
+                                     "discriminator", [], self.topo)
+        from simflow.data import build_loader
+
+        self.loader = build_loader(cfg, self.topo.dp_rank, self.topo.dp_size)
+        self.step = 0
+        self.metrics = MetricsLogger(self.out_dir, cfg.logging.wandb, cfg.logging.project, self.run_id,
+                                     to_dict(cfg), enabled=self.topo.is_main)
+        self.history: List[Dict[str, float]] = []
+        self._bound = nll_lower_bound(cfg.model.vae.posterior_std) if cfg.model.vae.posterior == "fixed" else None
+        self._warned_bound = False
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> SimFlowModel:
+        return self.gen.module
+
+    def state_parts(self) -> Dict[str, Any]:
+        parts = {
+            "generator": self.gen.state_dict(),
+            "loader": self.loader.state_dict(),
+            "trainer": {"step": self.step},
+            f"rng_rank{self.topo.rank}": rng_state(),
+        }
+        if self.disc is not None:
+            parts["discriminator"] = self.disc.state_dict()
+        return parts
+
+    def save(self) -> str:
+        meta = {"run_id": self.run_id, "config": to_dict(self.cfg), "code_version": code_version(),
+                "world_size": self.topo.world_size}
+        d = save_checkpoint(self.ckpt_dir, self.step, self.state_parts(), meta, keep=self.cfg.checkpoint.keep)
+        log.info("saved checkpoint %s", d)
+        return d
+
+    def maybe_resume(self) -> bool:
+        """Load the newest valid checkpoint of this run, if any. Raises CheckpointError for another run id or an
+        architecture change."""
+        if not self.cfg.checkpoint.resume:
+            return False
+        d = find_latest(self.ckpt_dir)
+        if d is None:
+            return False
+        parts, manifest = load_checkpoint(d)
+        if manifest.get("run_id") != self.run_id:
+            raise CheckpointError(f"{d} belongs to run {manifest.get('run_id')!r}, this run is {self.run_id!r}")
+        stored = from_dict(manifest["config"])
+        if to_dict(stored)["model"] != to_dict(self.cfg)["model"]:
+            raise CheckpointError(f"{d}: the config's model section differs from the checkpoint's (architecture change)")
+        self.gen.load_state_dict(parts["generator"])
+        if self.disc is not None:
+            self.disc.load_state_dict(parts["discriminator"])
+        self.loader.load_state_dict(parts["loader"])
+        self.step = int(parts["trainer"]["step"])
+        key = f"rng_rank{self.topo.rank}"
+        if key in parts:
+            set_rng_state(parts[key])
+        log.info("resumed from %s at step %d", d, self.step)
+        return True
+
+    # ------------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def micro_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Forward + backward of one micro-batch for the generator and the discriminator."""
+        cfg = self.cfg
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device)
+        idx = batch["index"]
+        eps = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_POSTERIOR).to(self.device)
+        y_in = drop_labels(y, self.model.null_class, cfg.train.label_drop, cfg.train.seed, idx)
+        teacher_features = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_features = self.teacher(x, grid=self.model.flow.latent_size // self.model.flow.patch_size)
+        gan_on = self.disc is not None and self.step >= cfg.loss.gan.start_step
+        with self._autocast():
+            out = self.gen.module(x, y_in, eps)
+            frozen = self.disc.frozen() if gan_on else contextlib.nullcontext()
+            with frozen:
+                loss, m = generator_loss(cfg, self.model, out, x, self.step, self.perceptual,
+                                         self.disc.module if gan_on else None, teacher_features)
+        self.gen.backward(loss)
+        if gan_on:
+            with self._autocast():
+                d_loss, dm = discriminator_loss(self.disc.module, x, out["x_hat"])
+            self.disc.backward(d_loss)
+            m.update(dm)
+        return m
+
+    def train_step(self, data_iter) -> Dict[str, float]:
+        """One optimizer step (``grad_accumulation`` micro-batches); returns DP-averaged metrics."""
+        t0 = time.perf_counter()
+        acc: Dict[str, float] = {}
+        n = self.cfg.train.grad_accumulation
+        for _ in range(n):
+            for k, v in self.micro_step(next(data_iter)).items():
+                acc[k] = acc.get(k, 0.0) + v / n
+        stats = self.gen.step()
+        if self.disc is not None and self.step >= self.cfg.loss.gan.start_step:
+            self.disc.step()
+        self.gen.ema_update()
+        acc = self._reduce(acc)
+        dt = time.perf_counter() - t0
+        acc.update(grad_norm=stats["grad_norm"], lr=stats["lr"],
+                   img_per_s=self.cfg.train.micro_batch_size * n * self.topo.dp_size / dt)
+        self.step += 1
+        return acc
+
+    def _reduce(self, m: Dict[str, float]) -> Dict[str, float]:
+        if not (dist.is_available() and dist.is_initialized()) or self.topo.world_size == 1:
+            return m
+        keys = sorted(m)
+        t = torch.tensor([m[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)  # TP ranks hold identical values, so the world mean equals the DP mean
+        return {k: v / self.topo.world_size for k, v in zip(keys, t.tolist())}
+
+    @torch.no_grad()
+    def sample_grid(self, path: str) -> str:
+        """Write a grid of EMA-flow samples: ``train.sample_grid`` images, classes cycling, fixed noise."""
+        n = self.cfg.train.sample_grid
+        num_classes = self.cfg.model.flow.num_classes
+        idx = torch.arange(n)
+        labels = idx % num_classes
+        with self.gen.full_params(ema=True) as model:
+            was_training = model.training
+            model.eval()
+            x = sample_images(model, idx, labels, self.cfg.sample, self.device, self.dtype)
+            model.train(was_training)
+        return save_grid(x, path, nrow=min(num_classes, int(np.ceil(np.sqrt(n)))) if num_classes <= n else None)
+
+    def export(self, path: str) -> str:
+        """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling."""
+        from safetensors.torch import save_file
+
+        sd = self.gen.full_state_dict(ema=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"run_id": self.run_id,
+                                                                             "step": str(self.step)})
+        return path
+
+    # ------------------------------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        """Run to ``train.steps``; saves checkpoints, logs metrics, writes sample grids, loss curve and weights."""
+        cfg = self.cfg
+        self.maybe_resume()
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.gen.module.train()
+        data_iter = iter(self.loader)
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not self.topo.is_main,
+                   dynamic_ncols=True)
+        last_save = time.monotonic()
+        m: Dict[str, float] = {}
+        while self.step < cfg.train.steps:
+            m = self.train_step(data_iter)
+            self.history.append({"step": self.step, **m})
+            if self._bound is not None and m["nll"] < self._bound and not self._warned_bound:
+                log.warning("flow NLL %.4f nats/dim is below the bound %.4f for posterior_std=%g: causal leakage or "
+                            "a log-det bug (method §4.4)", m["nll"], self._bound, cfg.model.vae.posterior_std)
+                self._warned_bound = True
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                self.metrics.log(self.step, m)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", bpd=f"{m['bits_per_dim']:.3f}", rec=f"{m['rec']:.3f}")
+            bar.update(1)
+            if self.topo.is_main and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                self.sample_grid(os.path.join(self.out_dir, f"samples_step{self.step:07d}.png"))
+            due_minutes = cfg.checkpoint.every_minutes and time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes
+            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or due_minutes:
+                self.save()
+                last_save = time.monotonic()
+        bar.close()
+        out = {"step": self.step, "metrics": m}
+        if not os.path.isdir(os.path.join(self.ckpt_dir, f"step-{self.step:07d}")):
+            self.save()
+        if self.topo.is_main:
+            out["samples"] = self.sample_grid(os.path.join(self.out_dir, "samples.png"))
+            out["loss_curve"] = plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png"))
+            out["weights"] = self.export(os.path.join(self.out_dir, "weights.safetensors"))
+        self.metrics.close()
+        return out
+
+
+def _build_local_engine(cfg: SimFlowConfig, build_module, role: str, ema_prefixes, topology: Topology) -> Engine:
+    """Single-process engine for ``parallel.engine=local``."""
+    if topology.world_size > 1:
+        raise ValueError("parallel.engine=local runs in one process; use parallel.engine=deepspeed under torchrun")
+    module = build_module().to(topology.device)
+    o = cfg.optim
+    gen = role == "generator"
+    return LocalEngine(
+        module,
+        lr=o.lr if gen else o.disc_lr,
+        betas=o.betas if gen else o.disc_betas,
+        weight_decay=o.weight_decay,
+        eps=o.eps,
+        grad_accumulation=cfg.train.grad_accumulation,
+        grad_clip=o.grad_clip,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        total_steps=cfg.train.steps,
+        min_lr=o.min_lr,
+        ema_prefixes=ema_prefixes,
+        ema_decay=cfg.train.ema_decay,
+    )
+
+
+def run(cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None) -> Dict[str, Any]:
+    """Train with ``cfg`` (the launcher's entry point). Returns ``{"step", "metrics", paths...}``."""
+    return Trainer(cfg, topology, build_engine).fit()
