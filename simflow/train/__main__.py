@@ -4,7 +4,9 @@ Runs in one process, or under ``torchrun``/``srun`` through :mod:`launcher` (whi
 process group starts and sets up the topology).
 """
 
+import sys
+
 from launcher.main import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
