@@ -177,8 +177,9 @@ def _tiny_vit(img_size, seed=0):
 
 
 def _repa_cfg(path, res=56, **kw):
-    return REPAConfig(enabled=True, teacher_arch="vit_small_patch14_dinov2", teacher_weights=path,
-                      teacher_resolution=res, teacher_kwargs=dict(TINY_VIT), **kw)
+    args = dict(enabled=True, teacher_arch="vit_small_patch14_dinov2", teacher_weights=path, teacher_resolution=res,
+                teacher_kwargs=dict(TINY_VIT), teacher_dim=64)
+    return REPAConfig(**{**args, **kw})
 
 
 def test_dinov2_teacher_reproduces_saved_model(tmp_path):
@@ -237,6 +238,8 @@ def test_dinov2_errors_and_random_init(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         t = build_teacher(_repa_cfg(None, random_init=True))
     assert "RANDOMLY initialised" in caplog.text and t(torch.zeros(1, 3, 56, 56)).shape == (1, 16, 64)
+    with pytest.raises(ValueError, match="loss.repa.teacher_dim=768"):
+        build_teacher(_repa_cfg(None, random_init=True, teacher_dim=768))
 
 
 # ----------------------------------------------------------------------------------------------------------- REPA

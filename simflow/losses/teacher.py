@@ -99,13 +99,15 @@ def build_teacher(cfg: REPAConfig) -> Optional[DINOv2Teacher]:
 
     ``timm.create_model(cfg.teacher_arch, pretrained=False, img_size=cfg.teacher_resolution, **cfg.teacher_kwargs)``,
     then the weights from ``cfg.teacher_weights`` (``.pth``/``.safetensors``; timm or original DINOv2 key names),
-    strictly (every model tensor must be present; only ``head.*`` extras are tolerated).
+    strictly (every model tensor must be present; only ``head.*`` extras are tolerated). The teacher's token width
+    must equal ``cfg.teacher_dim`` (the projector's output width).
     ``cfg.random_init=true`` keeps timm's random initialisation and logs a warning (tests only).
 
     Raises:
         WeightsNotFoundError (a ``FileNotFoundError``): the path is unset or missing and ``random_init`` is false;
             the message names the file and says "DINOv2 weights".
-        ValueError: unknown architecture, unreadable file, or tensors missing / mismatched (names the file).
+        ValueError: unknown architecture, unreadable file, tensors missing / mismatched (names the file), or
+            ``loss.repa.teacher_dim`` differing from the teacher's width.
     """
     if not cfg.enabled:
         return None
@@ -114,12 +116,17 @@ def build_teacher(cfg: REPAConfig) -> Optional[DINOv2Teacher]:
         log.warning(
             "loss.repa.random_init=true: the REPA teacher is a RANDOMLY initialised %s (tests only)", cfg.teacher_arch
         )
-        return DINOv2Teacher(vit, cfg.teacher_resolution)
-    path = require_weights_path(cfg.teacher_weights, WHAT, "loss.repa.teacher_weights", "loss.repa.random_init")
-    sd = load_state_dict_file(path, WHAT)
-    vit = _create_vit(cfg)
-    load_teacher_weights(vit, sd, source=path)
-    log.info("REPA teacher %s: loaded weights from %s", cfg.teacher_arch, path)
+    else:
+        path = require_weights_path(cfg.teacher_weights, WHAT, "loss.repa.teacher_weights", "loss.repa.random_init")
+        sd = load_state_dict_file(path, WHAT)
+        vit = _create_vit(cfg)
+        load_teacher_weights(vit, sd, source=path)
+        log.info("REPA teacher %s: loaded weights from %s", cfg.teacher_arch, path)
+    if vit.embed_dim != cfg.teacher_dim:
+        raise ValueError(
+            f"loss.repa.teacher_dim={cfg.teacher_dim}: the teacher {cfg.teacher_arch} produces {vit.embed_dim}-dim "
+            f"tokens (the REPA projector's output width must match)"
+        )
     return DINOv2Teacher(vit, cfg.teacher_resolution)
 
 
