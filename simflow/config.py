@@ -147,14 +147,17 @@ class DataConfig:
     tars; local, ``s3://`` or ``pipe:``) or ``ffcv``."""
 
     source: str = "npz"
+    # npz: the .npz file; shards: a folder with index.json, s3://bucket/prefix, or pipe:CMD with {name};
+    # ffcv: a .beton file (local or s3://, staged to cache_dir)
     path: str = "data/demo/demo.npz"
     num_workers: int = 0
     hflip: bool = True
     resample: bool = False  # sample with replacement instead of exact epochs
-    s3_endpoint: Optional[str] = None
-    retries: int = 3
-    timeout_s: float = 60.0
-    cache_dir: Optional[str] = None
+    s3_endpoint: Optional[str] = None  # default: AWS_ENDPOINT_URL / the AWS default
+    retries: int = 3  # extra attempts per read before a sample is skipped (and counted)
+    timeout_s: float = 60.0  # per S3 request / pipe: command
+    cache_dir: Optional[str] = None  # stage whole shards / .beton files here first (pipe: and s3:// .beton need it)
+    io_threads: int = 8  # concurrent range reads per micro-batch (local and staged shards)
 
 
 @dataclass
@@ -323,6 +326,14 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("train.micro_batch_size", "must be >= 1")
     if cfg.train.grad_accumulation < 1:
         bad("train.grad_accumulation", "must be >= 1")
+    if cfg.data.num_workers < 0:
+        bad("data.num_workers", "must be >= 0")
+    if cfg.data.retries < 0:
+        bad("data.retries", "must be >= 0")
+    if cfg.data.timeout_s <= 0:
+        bad("data.timeout_s", "must be > 0")
+    if cfg.data.io_threads < 1:
+        bad("data.io_threads", "must be >= 1")
     if cfg.checkpoint.keep < 1:
         bad("checkpoint.keep", "must be >= 1")
     r = cfg.loss.repa

@@ -1,0 +1,604 @@
+"""WebDataset tar shards with a byte-range index: writer, stores (local, ``s3://``, ``pipe:``) and the sample source.
+
+Design (why the order stays a pure function of ``(seed, epoch, position)``)
+-------------------------------------------------------------------------
+The shards are ordinary WebDataset tars (``<key>.cls``, ``<key>.<jpg|png>``, ``<key>.json`` per sample; any
+WebDataset tool reads them). Next to them, ``index.json`` records for every shard its name, sample count, byte size,
+sha256 and, for every sample, the **byte offset and length** of its members inside the tar. Global sample id ``g`` is
+the running number over shards in index order, so ``g -> (shard, offset, length)`` is a table look-up, and reading a
+sample is a single byte-range read (an HTTP range GET on S3, a seek on local disk). The loader therefore never has to
+stream shards in some rank- or worker-dependent order: it asks :class:`simflow.data.order.GlobalOrder` which sample
+sits at each of its positions and fetches exactly those bytes. The order, the split over ranks and the split over
+workers are all functions of the position alone (see :mod:`simflow.data.order`), so a resume at any world size
+continues exactly.
+
+Where range reads are impossible (``pipe:`` commands) or unwanted (``data.cache_dir`` set), a shard is first *staged*:
+streamed once as a whole into ``cache_dir`` (atomic rename, sha256 checked against the index, one download per node
+thanks to a file lock), and then read by range locally. ``.beton`` files for FFCV use the same staging.
+
+``data.path`` for ``data.source=shards``:
+
+* a local folder holding ``index.json`` (or the path of the ``index.json`` itself);
+* ``s3://bucket/prefix`` (s3fs; endpoint from ``data.s3_endpoint`` or ``AWS_ENDPOINT_URL``, credentials from the
+  standard AWS variables -- never logged);
+* ``pipe:COMMAND`` where COMMAND contains ``{name}``; it must print the file ``name`` (``index.json`` or a shard)
+  to stdout, e.g. ``pipe:aws s3 cp s3://bucket/prefix/{name} -`` or ``pipe:curl -fsS https://host/prefix/{name}``.
+
+Bad input never stops a run: unreadable samples (corrupt image, empty or truncated member, missing/invalid class,
+short or failed reads after ``data.retries`` retries with exponential back-off, each bounded by ``data.timeout_s``)
+come back as None and the loader replaces them by deterministic stand-ins and counts them
+(:mod:`simflow.data.loader`). Structural problems stop the run at start with an error naming the file: a missing
+index, a missing shard, fewer shards than ``dp_size x max(1, num_workers)``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .loader import DataError, SampleSource
+from .transforms import center_crop
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "simflow-wds-1"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+SOURCE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_TAR_MTIME = 0.0  # fixed member mtime: the same source gives byte-identical shards
+
+
+# ============================================================================================================
+# stores: where shard bytes come from
+# ============================================================================================================
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def is_pipe(url: str) -> bool:
+    return url.startswith("pipe:")
+
+
+def s3_filesystem(endpoint: Optional[str] = None, timeout_s: float = 60.0):
+    """An ``s3fs.S3FileSystem`` for this process.
+
+    Endpoint: ``endpoint`` if given, else botocore's standard resolution (``AWS_ENDPOINT_URL``...). Credentials come
+    from the standard AWS environment/config chain only. botocore's own retries are limited to one attempt so that
+    :func:`with_retries` alone bounds the total wait (``data.retries`` x ``data.timeout_s``).
+    """
+    import s3fs
+
+    client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
+    return s3fs.S3FileSystem(
+        client_kwargs=client_kwargs,
+        config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 1}},
+        skip_instance_cache=True,
+    )
+
+
+def register_s3_opener(endpoint: Optional[str] = None, timeout_s: float = 60.0) -> None:
+    """Teach ``webdataset.gopen`` the ``s3://`` scheme (webdataset 1.0.2 has none), backed by s3fs.
+
+    After this, plain WebDataset pipelines such as ``webdataset.WebDataset("s3://bucket/prefix/shard-000000.tar")``
+    stream from S3 with the same endpoint/credential rules as the SimFlow loader.
+    """
+    import webdataset.gopen as wg
+
+    def gopen_s3(url, mode="rb", bufsize=8192, **kw):
+        fs = s3_filesystem(endpoint, timeout_s)
+        return fs.open(url, mode, block_size=max(bufsize, 8 << 20))
+
+    wg.gopen_schemes["s3"] = gopen_s3
+
+
+def with_retries(fn: Callable[[], Any], what: str, retries: int, fatal: bool = False) -> Any:
+    """Call ``fn`` up to ``retries + 1`` times with exponential back-off (0.05 s, 0.1 s, ... capped at 2 s).
+
+    Returns ``fn()``'s result, or None after the last failure (``fatal=False``); with ``fatal=True`` the last error is
+    raised as :class:`DataError` naming ``what``.
+    """
+    last: Optional[BaseException] = None
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - any I/O error is retried, then skipped or reported
+            last = e
+            if attempt < retries:
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+    if fatal:
+        raise DataError(f"{what}: {type(last).__name__}: {last}") from None
+    log.warning("data: giving up on %s after %d attempts: %s: %s", what, retries + 1, type(last).__name__, last)
+    return None
+
+
+class Store:
+    """Byte access to the files of one shard folder. Subclasses: :class:`FsspecStore`, :class:`PipeStore`."""
+
+    root: str
+
+    def url(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def read_file(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def sizes(self) -> Dict[str, int]:
+        """Byte size of every file in the folder (one listing)."""
+        raise NotImplementedError
+
+    def read_ranges(self, names: Sequence[str], starts: Sequence[int], lengths: Sequence[int]) -> List[Any]:
+        """Bytes of ``[start, start + length)`` of each file, or the exception raised for it."""
+        raise NotImplementedError
+
+    def local_path(self, name: str) -> Optional[str]:
+        """A local path of the file if it is on local disk (or staged there), else None."""
+        return None
+
+
+class FsspecStore(Store):
+    """A local folder or ``s3://bucket/prefix`` through fsspec (range reads: ``cat_ranges``)."""
+
+    def __init__(self, root: str, endpoint: Optional[str] = None, timeout_s: float = 60.0):
+        self.root = root.rstrip("/") if is_s3(root) else os.path.abspath(root)
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self._fs, self._pid = None, None
+
+    def __getstate__(self):  # the filesystem object is per process (fork/spawn of DataLoader workers)
+        d = dict(self.__dict__)
+        d["_fs"], d["_pid"] = None, None
+        return d
+
+    @property
+    def fs(self):
+        if self._fs is None or self._pid != os.getpid():
+            if is_s3(self.root):
+                self._fs = s3_filesystem(self.endpoint, self.timeout_s)
+            else:
+                import fsspec
+
+                self._fs = fsspec.filesystem("file")
+            self._pid = os.getpid()
+        return self._fs
+
+    def read_file(self, name: str) -> bytes:
+        return self.fs.cat_file(self.url(name))
+
+    def sizes(self) -> Dict[str, int]:
+        if not self.fs.exists(self.root):
+            raise FileNotFoundError(self.root)
+        return {os.path.basename(e["name"].rstrip("/")): int(e["size"]) for e in self.fs.ls(self.root, detail=True)
+                if e.get("type") == "file"}
+
+    def read_ranges(self, names, starts, lengths):
+        paths = [self.url(n) for n in names]
+        ends = [s + n for s, n in zip(starts, lengths)]
+        if is_s3(self.root):
+            return self.fs.cat_ranges(paths, list(starts), ends, on_error="return")
+        out: List[Any] = []
+        for p, s, e in zip(paths, starts, ends):
+            try:
+                with open(p, "rb") as f:
+                    f.seek(s)
+                    out.append(f.read(e - s))
+            except OSError as err:
+                out.append(err)
+        return out
+
+    def local_path(self, name: str) -> Optional[str]:
+        return None if is_s3(self.root) else self.url(name)
+
+
+class PipeStore(Store):
+    """``pipe:COMMAND`` with a ``{name}`` placeholder; every file is staged whole into ``cache_dir`` first."""
+
+    def __init__(self, template: str, cache_dir: str, timeout_s: float = 60.0):
+        if "{name}" not in template:
+            raise DataError(f"data.path={template!r}: a pipe: URL must contain '{{name}}' where the file name goes")
+        self.root, self.cache_dir, self.timeout_s = template, cache_dir, timeout_s
+
+    def url(self, name: str) -> str:
+        return self.root.replace("{name}", name)
+
+    def fetch_to(self, name: str, dest: str) -> None:
+        cmd = self.url(name)[len("pipe:") :]
+        with open(dest, "wb") as f:
+            proc = subprocess.run(cmd, shell=True, stdout=f, stderr=subprocess.PIPE, timeout=self.timeout_s)
+        if proc.returncode != 0:
+            raise OSError(f"`{cmd}` exited with status {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
+
+    def read_file(self, name: str) -> bytes:
+        with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
+            path = os.path.join(tmp, "f")
+            self.fetch_to(name, path)
+            with open(path, "rb") as f:
+                return f.read()
+
+    def sizes(self) -> Dict[str, int]:
+        raise NotImplementedError("pipe: URLs cannot be listed")
+
+
+class StagedStore(Store):
+    """Wraps a store: each shard is copied whole into ``cache_dir`` on first use (sha256 checked), then read locally.
+
+    One download per shard per node: a ``flock`` on ``<name>.lock`` serialises the workers and ranks of a node.
+    """
+
+    def __init__(self, inner: Store, cache_dir: str, sha256: Dict[str, str], retries: int):
+        self.inner, self.cache_dir, self.sha256, self.retries = inner, cache_dir, sha256, retries
+        self.root = inner.root
+        self._failed: Dict[str, str] = {}  # shards that could not be staged in this process: not retried again
+        os.makedirs(cache_dir, exist_ok=True)
+
+    def url(self, name: str) -> str:
+        return self.inner.url(name)
+
+    def read_file(self, name: str) -> bytes:
+        return self.inner.read_file(name)
+
+    def sizes(self) -> Dict[str, int]:
+        return self.inner.sizes()
+
+    def stage(self, name: str) -> str:
+        """Local path of the staged copy of ``name`` (downloading it first if needed)."""
+        dest = os.path.join(self.cache_dir, name)
+        if os.path.exists(dest):
+            return dest
+        if name in self._failed:
+            raise DataError(self._failed[name])
+        try:
+            return self._stage(name, dest)
+        except DataError as e:
+            self._failed[name] = str(e)
+            raise
+
+    def _stage(self, name: str, dest: str) -> str:
+        with open(dest + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if os.path.exists(dest):
+                    return dest
+
+                def fetch() -> str:
+                    tmp = f"{dest}.part{os.getpid()}"
+                    if isinstance(self.inner, PipeStore):
+                        self.inner.fetch_to(name, tmp)
+                    else:
+                        with open(tmp, "wb") as f:
+                            f.write(self.inner.read_file(name))
+                    digest = sha256_file(tmp)
+                    want = self.sha256.get(name)
+                    if want and digest != want:
+                        os.unlink(tmp)
+                        raise OSError(f"{self.inner.url(name)}: sha256 {digest} does not match the index ({want})")
+                    os.replace(tmp, dest)
+                    return dest
+
+                return with_retries(fetch, f"staging {self.inner.url(name)}", self.retries, fatal=True)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def local_path(self, name: str) -> Optional[str]:
+        return self.stage(name)
+
+    def read_ranges(self, names, starts, lengths):
+        out: List[Any] = []
+        for n, s, k in zip(names, starts, lengths):
+            try:
+                with open(self.stage(n), "rb") as f:
+                    f.seek(s)
+                    out.append(f.read(k))
+            except (OSError, DataError) as err:
+                out.append(err)
+        return out
+
+
+def open_store(url: str, endpoint: Optional[str] = None, timeout_s: float = 60.0,
+               cache_dir: Optional[str] = None) -> Store:
+    """The :class:`Store` for ``url`` (local folder, ``s3://`` prefix, or ``pipe:`` template)."""
+    if is_pipe(url):
+        cache = cache_dir or os.path.join(tempfile.gettempdir(), "simflow-shard-cache")
+        os.makedirs(cache, exist_ok=True)
+        return PipeStore(url, cache, timeout_s)
+    return FsspecStore(url, endpoint, timeout_s)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ============================================================================================================
+# index
+# ============================================================================================================
+@dataclass
+class ShardIndex:
+    """The parsed ``index.json``.
+
+    Attributes:
+        names: shard file names, in global-id order.
+        counts: int64 (S,) samples per shard.
+        sizes: int64 (S,) bytes per shard.
+        sha256: per shard hex digest.
+        offsets, lengths: int64 (N,) byte range of each sample's members in its shard.
+        shard_of: int64 (N,) shard number of each sample.
+        class_names: C names, label c <-> class_names[c].
+        meta: the remaining top-level fields of the JSON.
+    """
+
+    names: List[str]
+    counts: np.ndarray
+    sizes: np.ndarray
+    sha256: List[str]
+    offsets: np.ndarray
+    lengths: np.ndarray
+    shard_of: np.ndarray
+    class_names: List[str]
+    meta: Dict[str, Any]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
+
+    @classmethod
+    def from_json(cls, doc: Dict[str, Any], where: str) -> "ShardIndex":
+        if doc.get("format") != INDEX_FORMAT:
+            raise DataError(f"{where}: format {doc.get('format')!r} is not {INDEX_FORMAT!r} (write it with tools/make_shards.py)")
+        if not doc.get("complete", False):
+            raise DataError(f"{where}: the index is incomplete (tools/make_shards.py was interrupted; run it again)")
+        shards = doc["shards"]
+        counts = np.array([s["num_samples"] for s in shards], np.int64)
+        offsets = np.concatenate([np.asarray(s["offsets"], np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
+        lengths = np.concatenate([np.asarray(s["lengths"], np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
+        if len(offsets) != counts.sum() or len(lengths) != counts.sum():
+            raise DataError(f"{where}: per-sample offsets ({len(offsets)}) do not match the sample counts ({counts.sum()})")
+        meta = {k: v for k, v in doc.items() if k != "shards"}
+        return cls(
+            names=[s["name"] for s in shards],
+            counts=counts,
+            sizes=np.array([s["bytes"] for s in shards], np.int64),
+            sha256=[s["sha256"] for s in shards],
+            offsets=offsets,
+            lengths=lengths,
+            shard_of=np.repeat(np.arange(len(shards), dtype=np.int64), counts),
+            class_names=list(doc["class_names"]),
+            meta=meta,
+        )
+
+
+def index_root(url: str) -> str:
+    """The shard folder of ``data.path`` (strips a trailing ``/index.json``)."""
+    if not is_pipe(url) and url.rstrip("/").endswith("/" + INDEX_NAME):
+        return url.rstrip("/")[: -len(INDEX_NAME) - 1]
+    if not is_pipe(url) and url == INDEX_NAME:
+        return "."
+    return url
+
+
+def load_index(store: Store, retries: int = 3) -> ShardIndex:
+    """Read and parse ``index.json`` from a store (bounded retries; a missing index is an error naming it)."""
+    where = store.url(INDEX_NAME)
+
+    def read() -> bytes:
+        return store.read_file(INDEX_NAME)
+
+    raw = with_retries(read, f"shard index {where}", retries, fatal=True)
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from None
+    return ShardIndex.from_json(doc, where)
+
+
+# ============================================================================================================
+# decoding one sample
+# ============================================================================================================
+def parse_sample_bytes(buf: bytes, where: str) -> Dict[str, bytes]:
+    """Split the tar members of one sample (a byte range of a shard) into ``{extension: bytes}`` plus ``__key__``.
+
+    Uses WebDataset's own tar iterator and key grouping. Raises ValueError on a damaged or multi-sample range.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    files = []
+    for f in tar_file_iterator(io.BytesIO(buf)):
+        f["__url__"] = where
+        files.append(f)
+    samples = list(group_by_keys(iter(files)))
+    if len(samples) != 1:
+        raise ValueError(f"expected the members of one sample, found {len(samples)} samples")
+    return samples[0]
+
+
+def decode_sample(buf: bytes, where: str, num_classes: int, resolution: int) -> Tuple[Optional[Tuple[np.ndarray, int]], str]:
+    """Decode one sample's bytes.
+
+    Args:
+        buf: the sample's tar members (one byte range from the index).
+        where: a name for messages (shard URL and sample id).
+        num_classes: labels must lie in [0, num_classes).
+        resolution: output side; ADM centre crop when the stored image differs (method §2).
+
+    Returns:
+        ``((image uint8 (resolution, resolution, 3), label), "")`` or ``(None, reason)`` for a bad sample.
+    """
+    try:
+        sample = parse_sample_bytes(buf, where)
+    except Exception as e:  # noqa: BLE001 - truncated or garbled tar data
+        return None, f"damaged tar data ({type(e).__name__}: {e})"
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return None, f"no image member (members: {sorted(k for k in sample if not k.startswith('__'))})"
+    if len(sample[ext]) == 0:
+        return None, f"empty .{ext} member"
+    if "cls" not in sample:
+        return None, "missing class (.cls) member"
+    try:
+        label = int(sample["cls"].decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        return None, f"class member is not an integer: {sample['cls'][:20]!r}"
+    if not 0 <= label < num_classes:
+        return None, f"class {label} outside [0, {num_classes})"
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as im:
+            im.load()
+            arr = np.asarray(center_crop(im, resolution))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt images
+        return None, f"cannot decode .{ext} ({type(e).__name__}: {e})"
+    return (arr, label), ""
+
+
+# ============================================================================================================
+# the sample source
+# ============================================================================================================
+class ShardSource(SampleSource):
+    """Random access to the samples of a shard folder (see the module docstring).
+
+    Args:
+        url: ``data.path`` (local folder / ``index.json`` path, ``s3://bucket/prefix``, ``pipe:...{name}...``).
+        endpoint: S3 endpoint override (``data.s3_endpoint``).
+        timeout_s: per-request time-out (``data.timeout_s``).
+        retries: extra attempts per read (``data.retries``).
+        cache_dir: stage whole shards here first (``data.cache_dir``; required in effect for ``pipe:``, defaults to a
+            temp folder there).
+        io_threads: concurrent range reads per micro-batch for local/staged stores (S3 uses s3fs's async batching).
+
+    Raises at construction:
+        DataError: index missing/invalid, a shard listed in the index missing from the folder (named).
+    """
+
+    def __init__(self, url: str, endpoint: Optional[str] = None, timeout_s: float = 60.0, retries: int = 3,
+                 cache_dir: Optional[str] = None, io_threads: int = 8):
+        root = index_root(url)
+        base = open_store(root, endpoint, timeout_s, cache_dir)
+        self.index = load_index(base, retries)
+        self.url, self.retries, self.io_threads = root, retries, max(1, io_threads)
+        self.class_names = self.index.class_names
+        self.num_samples = self.index.num_samples
+        if self.num_samples == 0:
+            raise DataError(f"{base.url(INDEX_NAME)}: the shard index lists no samples")
+        if not is_pipe(root):
+            try:
+                present = base.sizes()
+            except FileNotFoundError:
+                raise DataError(f"shard folder not found: {root}") from None
+            for name, size in zip(self.index.names, self.index.sizes):
+                if name not in present:
+                    raise DataError(f"shard missing: {base.url(name)} (listed in {base.url(INDEX_NAME)})")
+                if present[name] != size:
+                    log.warning("data: %s has %d bytes but the index says %d; samples past the damage will be skipped",
+                                base.url(name), present[name], size)
+        if is_pipe(root) or cache_dir:
+            cache = cache_dir or base.cache_dir  # type: ignore[attr-defined]
+            self.store: Store = StagedStore(base, cache, dict(zip(self.index.names, self.index.sha256)), retries)
+        else:
+            self.store = base
+        self.skip_reasons: Dict[str, int] = {}
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.index.names)
+
+    def check_parallelism(self, dp_size: int, num_workers: int) -> None:
+        """Fewer shards than readers (``dp_size x max(1, num_workers)``) is refused at start.
+
+        With byte-range reads the order would still be exact, but a data set cut into fewer shards than readers
+        serialises every node on the same few objects (S3 per-object request limits, one staged file per node)
+        and almost always means a wrong ``data.path`` prefix; reshard with a smaller ``--samples-per-shard``.
+        """
+        readers = dp_size * max(1, num_workers)
+        if self.num_shards < readers:
+            raise DataError(
+                f"{self.url}: {self.num_shards} shard(s) for {readers} readers (dp_size {dp_size} x "
+                f"max(1, data.num_workers={num_workers})); write at least {readers} shards "
+                f"(tools/make_shards.py --samples-per-shard {max(1, self.num_samples // readers)})"
+            )
+
+    def _fetch(self, ids: np.ndarray) -> List[Optional[bytes]]:
+        names = [self.index.names[s] for s in self.index.shard_of[ids]]
+        starts = self.index.offsets[ids].tolist()
+        lengths = self.index.lengths[ids].tolist()
+        out: List[Optional[bytes]] = [None] * len(ids)
+        todo = list(range(len(ids)))
+        for attempt in range(self.retries + 1):
+            if not todo:
+                break
+            if attempt:
+                time.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)))
+            if isinstance(self.store, FsspecStore) and is_s3(self.store.root):
+                got = self.store.read_ranges([names[i] for i in todo], [starts[i] for i in todo], [lengths[i] for i in todo])
+            else:
+                with cf.ThreadPoolExecutor(min(self.io_threads, len(todo))) as pool:
+                    got = list(pool.map(lambda i: self.store.read_ranges([names[i]], [starts[i]], [lengths[i]])[0], todo))
+            retry = []
+            for i, data in zip(todo, got):
+                if isinstance(data, (bytes, bytearray)) and len(data) == lengths[i]:
+                    out[i] = bytes(data)
+                else:
+                    retry.append(i)
+                    if attempt == self.retries:
+                        why = f"{type(data).__name__}: {data}" if isinstance(data, BaseException) else \
+                            f"short read ({len(data)} of {lengths[i]} bytes)"
+                        log.warning("data: %s sample %d unreadable after %d attempts: %s",
+                                    self.store.url(names[i]), int(ids[i]), attempt + 1, why)
+                        self._count("read error" if isinstance(data, BaseException) else "truncated")
+            todo = retry
+        return out
+
+    def _count(self, reason: str) -> None:
+        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
+
+    def read(self, sample_ids: np.ndarray, resolution: int) -> List[Optional[Tuple[np.ndarray, int]]]:
+        sample_ids = np.asarray(sample_ids, np.int64)
+        raw = self._fetch(sample_ids)
+        out: List[Optional[Tuple[np.ndarray, int]]] = []
+        for g, buf in zip(sample_ids.tolist(), raw):
+            if buf is None:
+                out.append(None)
+                continue
+            where = f"{self.store.url(self.index.names[self.index.shard_of[g]])} sample {g}"
+            item, reason = decode_sample(buf, where, len(self.class_names), resolution)
+            if item is None:
+                log.warning("data: skipping %s: %s", where, reason)
+                self._count(reason.split(" (")[0])
+            out.append(item)
+        return out
+
+    def describe(self) -> str:
+        return f"shards {self.url} ({self.num_shards} shards, {self.num_samples} samples)"
+
+
+__all__ = [
+    "INDEX_NAME",
+    "INDEX_FORMAT",
+    "ShardIndex",
+    "ShardSource",
+    "Store",
+    "FsspecStore",
+    "PipeStore",
+    "StagedStore",
+    "open_store",
+    "load_index",
+    "decode_sample",
+    "parse_sample_bytes",
+    "register_s3_opener",
+    "s3_filesystem",
+    "sha256_file",
+    "with_retries",
+]

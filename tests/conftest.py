@@ -1,0 +1,85 @@
+"""Shared pytest fixtures.
+
+``s3_server``: a real S3 API on loopback (``moto_server`` from ``moto[server]``), one per test session, on a free
+127.0.0.1 port. While it runs, the standard AWS variables point at it (``AWS_ENDPOINT_URL``, dummy credentials,
+``AWS_DEFAULT_REGION``), so s3fs/boto3 code paths talk to it unchanged. It is stopped by its PID at the end.
+Use ``s3_bucket`` for a fresh empty bucket per test.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+_AWS_VARS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _moto_command(port: int):
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    return [exe, "-H", "127.0.0.1", "-p", str(port)]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Endpoint URL (``http://127.0.0.1:PORT``) of a running moto S3 server; AWS env vars set for the session."""
+    port = _free_port()
+    proc = subprocess.Popen(_moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except Exception:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with status {proc.returncode}")
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start within 30 s")
+            time.sleep(0.2)
+    saved = {k: os.environ.get(k) for k in [*_AWS_VARS, "AWS_ENDPOINT_URL"]}
+    os.environ.update(_AWS_VARS)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.kill(proc.pid, 15)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """Name of a new empty bucket on :func:`s3_server`."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return name
