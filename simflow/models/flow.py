@@ -105,13 +105,19 @@ class Attention(nn.Module):
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # Incremental decoding: the new tokens attend to every cached (earlier) token and causally to themselves.
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-            past = k.shape[2] - t
-            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            # Incremental decoding into a preallocated buffer: the new tokens attend to every cached (earlier) token
+            # and causally to each other.
+            past = cache.get("len", 0)
+            if "k" not in cache:
+                shape = (b, heads, cache["capacity"], self.head_dim)
+                cache["k"], cache["v"] = k.new_empty(shape), v.new_empty(shape)
+            cache["k"][:, :, past : past + t] = k
+            cache["v"][:, :, past : past + t] = v
+            cache["len"] = past + t
+            k, v = cache["k"][:, :, : past + t], cache["v"][:, :, : past + t]
+            mask = None
+            if t > 1:
+                mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(o.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
@@ -145,7 +151,13 @@ class TransformerLayer(nn.Module):
         self.ada = linear_factory(dim, 6 * dim, parallel="none", init_fn=zeros_init)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cache: Optional[Dict] = None) -> torch.Tensor:
-        sa, ca, ga, sm, cm, gm = self.ada(F.silu(c)).chunk(6, dim=-1)
+        if cache is not None and "mod" in cache:  # decoding: the modulation depends on c only, compute it once
+            mod = cache["mod"]
+        else:
+            mod = self.ada(F.silu(c)).chunk(6, dim=-1)
+            if cache is not None:
+                cache["mod"] = mod
+        sa, ca, ga, sm, cm, gm = mod
         x = x + ga.unsqueeze(1) * self.attn(modulate(self.norm1(x), sa, ca), cache)
         return x + gm.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sm, cm))
 
@@ -373,7 +385,7 @@ class TransformerFlow(nn.Module):
             c = c_both if guide is not None else c_cond
             zp = self._permute(x, k)
             xp = torch.zeros_like(zp)
-            caches = [dict() for _ in block.layers] if use_cache else None
+            caches = [{"capacity": self.num_tokens} for _ in block.layers] if use_cache else None
             for t in range(self.num_tokens):
                 sos = block.sos.expand(bsz, 1, -1).to(zp.dtype)
                 if use_cache:  # feed only the newest token; earlier keys/values come from the cache

@@ -220,7 +220,7 @@ class Trainer:
         teacher_features = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_features = self.teacher(x, grid=self.model.flow.latent_size // self.model.flow.patch_size)
+                teacher_features = self.teacher(x)  # (B, N, C); repa_loss resamples to the flow grid
         gan_on = self.disc is not None and self.step >= cfg.loss.gan.start_step
         with self._autocast():
             out = self.gen.module(x, y_in, eps)
