@@ -229,8 +229,23 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
+    """Sample-quality evaluation (``python -m simflow.fid``, ``tools/fid_ref.py``; ADM protocol, method §9).
+
+    ``inception_weights``: local torch-fidelity InceptionV3 weights file (never downloaded). ``reference``: ADM-format
+    reference batch ``.npz``. ``feature_extractor``: registered network (``inception``; others, e.g. issue 8's demo
+    classifier, use ``extractor_weights``). ``is_split_size``: Inception Score split (ADM 5000 = 10 splits of 50k).
+    ``pr_k``: k of the precision/recall k-NN manifold (ADM 3). ``fd_method``: ``sqrtm`` (ADM) or ``eigh``.
+    """
+
     inception_weights: Optional[str] = None
     reference: Optional[str] = None
+    feature_extractor: str = "inception"
+    extractor_weights: Optional[str] = None
+    batch_size: int = 100
+    is_split_size: int = 5000
+    pr_k: int = 3
+    fd_method: str = "sqrtm"  # sqrtm | eigh
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -381,7 +396,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), valid
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"{source}: invalid config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{source}: invalid config key {key!r}: {msg}") from None
     if validate_now:
         validate(obj, source=source)
     return obj
@@ -412,7 +428,8 @@ def from_dict(d: Dict[str, Any]) -> SimFlowConfig:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SimFlowConfig), OmegaConf.create(d)))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"stored config: invalid key {getattr(e, 'full_key', None)!r}: {e}") from None
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"stored config: invalid key {getattr(e, 'full_key', None)!r}: {msg}") from None
 
 
 def to_yaml(cfg: SimFlowConfig) -> str:

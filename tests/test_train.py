@@ -144,3 +144,23 @@ def test_resume_refuses_another_architecture(tmp_path, demo_npz):
 
     with pytest.raises(CheckpointError, match="architecture"):
         Trainer(cfg2).fit()
+
+
+def test_repa_and_lpips_terms_train_end_to_end(tmp_path, demo_npz):
+    """REPA-E alignment (tiny random DINOv2-style ViT) and LPIPS (random VGG16 backbone) enter the joint loss, and
+    the alignment gradient reaches the projector, the flow and the encoder (method §6.2: no stop-gradient)."""
+    cfg = tiny_cfg(tmp_path, demo_npz, "train.steps=2", "loss.repa.enabled=true", "loss.repa.random_init=true",
+                   "loss.repa.teacher_arch=vit_small_patch14_dinov2", "loss.repa.teacher_resolution=56",
+                   "loss.repa.teacher_kwargs.embed_dim=32", "loss.repa.teacher_kwargs.depth=1",
+                   "loss.repa.teacher_kwargs.num_heads=2", "loss.repa.teacher_dim=32", "loss.repa.layer=2",
+                   "loss.repa.projector_dim=64", "loss.perceptual.weight=0.5", "loss.perceptual.random_init=true",
+                   "checkpoint.every_steps=0")
+    t = Trainer(cfg)
+    batch = next(iter(t.loader))
+    m = t.micro_step(batch)
+    assert {"repa", "lpips"} <= set(m)
+    assert -1.0 <= m["repa"] <= 1.0 and m["lpips"] > 0
+    grads = {n: p.grad for n, p in t.model.named_parameters()}
+    for prefix in ("repa_projector.", "flow.blocks.1.", "vae.encoder."):
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix)), prefix
+    assert not any(n.startswith("teacher") for n in grads), "the teacher must stay outside the trained model"

@@ -311,6 +311,7 @@ class Trainer:
             bar.update(1)
             if self.topo.is_main and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                 self.sample_grid(os.path.join(self.out_dir, f"samples_step{self.step:07d}.png"))
+                plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png"))
             due_minutes = cfg.checkpoint.every_minutes and time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes
             if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or due_minutes:
                 self.save()
