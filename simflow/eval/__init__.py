@@ -1,0 +1,7 @@
+"""Evaluation: feature extractors, sample-quality metrics (FID, sFID, IS, precision/recall) and the ADM-format
+evaluator behind ``python -m simflow.fid`` and ``tools/fid_ref.py``.
+
+Modules: :mod:`~simflow.eval.metrics` (math on feature arrays), :mod:`~simflow.eval.features` (networks),
+:mod:`~simflow.eval.npz` (streaming ``.npz`` access), :mod:`~simflow.eval.evaluator` (reference handling, checks,
+CLI), :mod:`~simflow.eval.reference` (writing reference statistics).
+"""
