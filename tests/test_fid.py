@@ -8,7 +8,6 @@ torch-fidelity's own extraction path on the same images and weights.
 import hashlib
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
