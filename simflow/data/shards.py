@@ -77,17 +77,20 @@ def s3_filesystem(endpoint: Optional[str] = None, timeout_s: float = 60.0):
     """An ``s3fs.S3FileSystem`` for this process.
 
     Endpoint: ``endpoint`` if given, else botocore's standard resolution (``AWS_ENDPOINT_URL``...). Credentials come
-    from the standard AWS environment/config chain only. botocore's own retries are limited to one attempt so that
-    :func:`with_retries` alone bounds the total wait (``data.retries`` x ``data.timeout_s``).
+    from the standard AWS environment/config chain only. botocore's own retries and s3fs's retry loop are limited to
+    one attempt so that :func:`with_retries` alone bounds the total wait (about ``(data.retries + 1)`` x
+    ``data.timeout_s`` per request, plus back-off).
     """
     import s3fs
 
     client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
-    return s3fs.S3FileSystem(
+    fs = s3fs.S3FileSystem(
         client_kwargs=client_kwargs,
         config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 1}},
         skip_instance_cache=True,
     )
+    fs.retries = 1  # s3fs's own retry loop (5 by default, with sleeps) off: with_retries bounds the total
+    return fs
 
 
 def register_s3_opener(endpoint: Optional[str] = None, timeout_s: float = 60.0) -> None:
@@ -96,7 +99,9 @@ def register_s3_opener(endpoint: Optional[str] = None, timeout_s: float = 60.0) 
     After this, plain WebDataset pipelines such as ``webdataset.WebDataset("s3://bucket/prefix/shard-000000.tar")``
     stream from S3 with the same endpoint/credential rules as the SimFlow loader.
     """
-    import webdataset.gopen as wg
+    import importlib
+
+    wg = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function of that name)
 
     def gopen_s3(url, mode="rb", bufsize=8192, **kw):
         fs = s3_filesystem(endpoint, timeout_s)
