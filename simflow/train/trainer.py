@@ -251,7 +251,8 @@ class Trainer:
         acc = self._reduce(acc)
         dt = time.perf_counter() - t0
         acc.update(grad_norm=stats["grad_norm"], lr=stats["lr"],
-                   img_per_s=self.cfg.train.micro_batch_size * n * self.topo.dp_size / dt)
+                   img_per_s=self.cfg.train.micro_batch_size * n * self.topo.dp_size / dt,
+                   skipped_samples=float(getattr(self.loader, "skipped_samples", 0)))
         self.step += 1
         return acc
 
