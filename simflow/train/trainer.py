@@ -276,7 +276,7 @@ class Trainer:
             model.eval()
             x = sample_images(model, idx, labels, self.cfg.sample, self.device, self.dtype)
             model.train(was_training)
-        return save_grid(x, path, nrow=min(num_classes, int(np.ceil(np.sqrt(n)))) if num_classes <= n else None)
+        return save_grid(x, path, nrow=num_classes if num_classes <= n else None)  # one column per class
 
     def export(self, path: str) -> str:
         """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling."""
