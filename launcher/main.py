@@ -2,6 +2,8 @@
 
     python -m simflow.train --config configs/tiny.yaml train.steps=100
     torchrun --nproc_per_node=2 -m simflow.train --config configs/tiny.yaml parallel.engine=deepspeed
+    torchrun --nproc_per_node=4 -m launcher --config configs/tiny.yaml parallel.engine=deepspeed parallel.tp_size=2
+    srun -N2 --ntasks-per-node=4 python -m launcher --config configs/xl.yaml parallel.engine=deepspeed parallel.tp_size=4
 
 Order of work: parse arguments -> load and validate the config (unknown keys, types, cross-field rules) -> only
 then build anything. A bad config exits with status 2 and a message naming the key, before any model, data or
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import List, Optional
 
@@ -34,11 +35,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    if world > 1 or cfg.parallel.engine != "local":
-        from launcher.distributed import launch_distributed
+    from simflow.parallel.topology import check_parallel_config, detect_dist_env
 
-        return launch_distributed(cfg, args.config)
+    try:
+        env = detect_dist_env()  # torchrun variables, else srun's SLURM_*, else one process; starts nothing
+        if env.world_size > 1 or cfg.parallel.engine != "local":
+            from launcher.distributed import launch_distributed
+
+            return launch_distributed(cfg, args.config, env)
+        check_parallel_config(cfg, 1, args.config)  # global batch = micro x accumulation x 1
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     from simflow.train.trainer import run
 
     out = run(cfg)

@@ -1,0 +1,575 @@
+"""DeepSpeed ZeRO-3 engine (+ megatron-core tensor parallelism) behind the trainer's :class:`Engine` interface.
+
+What it does, in the order a run sees it:
+
+1. **Config in code** (:func:`deepspeed_config`): ZeRO stage 3 with micro-batch, gradient accumulation, global
+   batch (micro x accumulation x DP) and gradient clipping taken from the SimFlow config; fp32 parameters; on CUDA
+   (``train.precision=auto``) or with ``train.precision=bf16`` DeepSpeed's ``torch_autocast`` runs the forward in
+   bf16 with fp32 master weights (the same numerics as the local engine's ``torch.autocast``; DeepSpeed would
+   otherwise *disable* an outer autocast inside its forward). No parameter persistence: every parameter is sharded.
+2. **Construction under** ``deepspeed.zero.Init`` over the data-parallel group: each module's parameters are
+   partitioned as soon as its ``__init__`` returns, so the XL model never exists whole on one rank. Tensor-parallel
+   layers come from :class:`~simflow.parallel.tensor_parallel.TensorParallelLinearFactory` when ``tp_size > 1``.
+3. ``deepspeed.initialize`` with a ``torch.optim.AdamW`` **client optimizer** (DeepSpeed's FusedAdam would JIT-build
+   a CUDA/CPU op) and the :class:`~simflow.parallel.mpu.MegatronMPU` adapter, so ZeRO-3 shards over DP only and the
+   gradient norm counts TP-replicated parameters once.
+4. **Sharded EMA**: for each tracked parameter the EMA is an fp32 copy of *this rank's* ZeRO-3 partition of the
+   fp32 master weight, updated in place (``ema <- d ema + (1 - d) theta``; method §8); nothing is gathered per step.
+5. **Topology-free state**: :meth:`state_dict` gathers, parameter by parameter, the full fp32 weights, the AdamW
+   moments and the EMA (merged over DP partitions *and* TP slices) into the same layout as
+   :class:`~simflow.parallel.engine.LocalEngine` (``module`` / ``optimizer`` in ``torch.optim.AdamW.state_dict()``
+   form / ``ema`` / ``steps``). :meth:`load_state_dict` scatters such a state into any (TP, DP) layout, so a
+   checkpoint written by either engine at any topology loads into the other.
+
+How the trainer calls it (the two-engine GAN step, method §5.4)::
+
+    out = gen.module(x, y, eps)                   # DeepSpeed forward (ZeRO-3 gathers, autocast)
+    with disc.frozen():                           # D params: requires_grad off; disc.module = the bare module
+        loss_g = generator_loss(..., disc.module) # D(x_hat) builds a graph through D's activations only
+    gen.backward(loss_g)                          # grads reach G only; D's ZeRO state is untouched
+    loss_d = hinge(disc.module(x), disc.module(x_hat.detach()))  # DeepSpeed forward of D
+    disc.backward(loss_d)
+    ... (grad_accumulation micro-batches) ...
+    gen.step(); disc.step(); gen.ema_update()
+
+``full_params``, ``full_state_dict``, ``state_dict`` and ``load_state_dict`` are **collective**: every rank must call
+them (only the main rank writes files). Sampling with TP needs all TP ranks anyway.
+
+ZeRO-3 rule for model code: a parameter is materialised only inside the ``forward`` of the module that owns it.
+Modules that own parameters but define no ``forward`` of their own (e.g. a flow block whose ``pos_emb`` is read
+by its parent's forward) are handled automatically: their parameters are registered as external parameters of the
+nearest ancestor that has a ``forward``. Code that reads a parameter outside any forward (e.g. an adaptive GAN
+weight computed with ``autograd.grad`` w.r.t. the decoder's last layer) must do so inside :meth:`full_params`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from simflow.config import SimFlowConfig, global_batch_size
+from simflow.parallel.engine import Engine, lr_at
+from simflow.parallel.factory import optimizer_settings
+from simflow.parallel.mpu import MegatronMPU
+from simflow.parallel.tensor_parallel import (
+    ColumnParallelDense,
+    RowParallelDense,
+    TensorParallelLinearFactory,
+    tp_partition_dim,
+)
+
+log = logging.getLogger("simflow")
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def uses_bf16(cfg: SimFlowConfig, device: torch.device) -> bool:
+    """bf16 autocast on CUDA with ``train.precision=auto``, or anywhere with ``bf16`` (the trainer's rule)."""
+    p = cfg.train.precision
+    return p == "bf16" or (p == "auto" and device.type == "cuda")
+
+
+def deepspeed_config(cfg: SimFlowConfig, dp_size: int, device: torch.device) -> Dict[str, object]:
+    """The DeepSpeed JSON config derived from the SimFlow config (never written by hand).
+
+    ``train_batch_size = micro_batch_size x grad_accumulation x dp_size`` (DeepSpeed re-checks it against the
+    mpu's DP size); ``gradient_clipping = optim.grad_clip``; ZeRO stage 3 with ``stage3_param_persistence_threshold
+    = 0`` (every parameter is partitioned: simpler state handling, and the sharding is exactly 1/DP).
+    """
+    t = cfg.train
+    bf16 = uses_bf16(cfg, device)
+    cuda = device.type == "cuda"
+    conf: Dict[str, object] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accumulation,
+        "train_batch_size": global_batch_size(cfg, dp_size),
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_optimization": {
+            "stage": 3,
+            "contiguous_gradients": True,
+            "overlap_comm": cuda,
+            "reduce_scatter": True,
+            "reduce_bucket_size": int(5e7),
+            "stage3_prefetch_bucket_size": int(5e7) if cuda else 0,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_model_persistence_threshold": 0,
+            "stage3_max_live_parameters": int(1e9),
+            "stage3_max_reuse_distance": int(1e9),
+            "stage3_gather_16bit_weights_on_model_save": False,
+            # keep torch.nn.functional.linear as it is (DeepSpeed would monkey-patch it process-wide)
+            "memory_efficient_linear": False,
+        },
+    }
+    if bf16:
+        conf["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [
+                "torch.nn.Linear",
+                "torch.nn.Conv2d",
+                "simflow.models.layers.DenseLinear",
+                "simflow.parallel.tensor_parallel.ColumnParallelDense",
+                "simflow.parallel.tensor_parallel.RowParallelDense",
+            ],
+        }
+    return conf
+
+
+def register_orphan_parameters(module: nn.Module) -> List[Tuple[str, str]]:
+    """Make parameters of forward-less modules visible to ZeRO-3.
+
+    ZeRO-3 gathers a module's own parameters in that module's forward pre-hook. A module that owns parameters but
+    defines no ``forward`` (its parent reads them, e.g. a flow block's ``pos_emb``/``sos``) would see empty
+    tensors; its parameters are registered with ``deepspeed.zero.register_external_parameter`` on the nearest
+    ancestor that defines ``forward``. Returns ``[(param_name, ancestor_name), ...]`` for logging and tests.
+    """
+    import deepspeed
+
+    register_external_parameter = deepspeed.zero.register_external_parameter
+
+    named = dict(module.named_modules())
+    out: List[Tuple[str, str]] = []
+    for name, m in named.items():
+        own = list(m.named_parameters(recurse=False))
+        if not own or type(m).forward is not nn.Module.forward:
+            continue
+        parts = name.split(".") if name else []
+        anc_name = None
+        for k in range(len(parts) - 1, -1, -1):
+            cand = ".".join(parts[:k])
+            if type(named[cand]).forward is not nn.Module.forward:
+                anc_name = cand
+                break
+        if anc_name is None:
+            raise ValueError(f"module {name!r} owns parameters but neither it nor any ancestor defines forward()")
+        for pname, p in own:
+            register_external_parameter(named[anc_name], p)
+            out.append((f"{name}.{pname}" if name else pname, anc_name))
+    return out
+
+
+@contextlib.contextmanager
+def init_on_gathered_params() -> Iterator[None]:
+    """While building a model under ``deepspeed.zero.Init``, make ``torch.nn.init.*_`` work on children's
+    already-partitioned parameters.
+
+    ``zero.Init`` partitions each module's parameters when *its* ``__init__`` returns, so a parent that re-initialises
+    a child's weight (e.g. ``nn.init.normal_(self.class_emb.weight, std=0.02)``) would write into an empty tensor:
+    the init is silently lost and the RNG stream shifts for everything built afterwards. Inside this context every
+    public ``torch.nn.init`` function called on a partitioned parameter gathers it, applies the init (same RNG on
+    every rank) and re-partitions it from DP rank 0's values. Direct tensor writes (``p.data.fill_``) are not
+    covered: model code should initialise parameters through ``torch.nn.init``.
+    """
+    import deepspeed
+    import torch.nn.init as tinit
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    names = [n for n in dir(tinit) if n.endswith("_") and not n.startswith("_") and callable(getattr(tinit, n))]
+    originals = {n: getattr(tinit, n) for n in names}
+
+    def wrap(fn):
+        def init_gathered(tensor, *args, **kwargs):
+            if hasattr(tensor, "ds_id") and tensor.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                    return fn(tensor, *args, **kwargs)
+            return fn(tensor, *args, **kwargs)
+
+        init_gathered.__wrapped__ = fn
+        return init_gathered
+
+    for n, fn in originals.items():
+        setattr(tinit, n, wrap(fn))
+    try:
+        yield
+    finally:
+        for n, fn in originals.items():
+            setattr(tinit, n, fn)
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO-3 (+TP) engine; see the module docstring for the call protocol.
+
+    Args:
+        cfg: the SimFlow config (``train``, ``optim``, ``parallel`` sections are read).
+        build_module: ``build_module(linear_factory) -> nn.Module``; called once under ``deepspeed.zero.Init``.
+        role: ``"generator"`` or ``"discriminator"`` (selects LR and betas).
+        ema_prefixes: sub-module names whose parameters get an EMA (e.g. ``["flow"]``); empty = no EMA.
+        topology: the :class:`~simflow.parallel.topology.Topology` from ``init_topology``.
+
+    Attributes:
+        module: the callable for forward passes (the DeepSpeed engine; inside :meth:`frozen`, the bare module).
+        inner: the bare ``nn.Module`` (partitioned parameters; attribute access is free, parameter reads are not).
+        optimizer: the client ``torch.optim.AdamW`` (its param groups hold the flat fp32 partitions after wrapping).
+        steps: optimizer steps taken.
+    """
+
+    def __init__(
+        self,
+        cfg: SimFlowConfig,
+        build_module: Callable[..., nn.Module],
+        role: str,
+        ema_prefixes: Sequence[str],
+        topology,
+    ):
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        from simflow.models.layers import DenseLinearFactory
+
+        ds_logger.setLevel(logging.WARNING)
+        if not dist.is_initialized():
+            raise RuntimeError("DeepSpeedEngine needs torch.distributed: call simflow.parallel.topology.init_topology")
+        self.cfg = cfg
+        self.role = role
+        self.topo = topology
+        self.device = topology.device
+        self.grad_accumulation = int(cfg.train.grad_accumulation)
+        self._sched = optimizer_settings(cfg, role)
+        self.ema_decay = float(cfg.train.ema_decay)
+        self.mpu = MegatronMPU()
+        self.dp_group = self.mpu.get_data_parallel_group()
+        self.tp_group = self.mpu.get_tensor_model_parallel_group()
+        self.dp_size = self.mpu.get_data_parallel_world_size()
+        self.dp_rank = self.mpu.get_data_parallel_rank()
+        self.tp_size = self.mpu.get_tensor_model_parallel_world_size()
+        self.tp_rank = self.mpu.get_tensor_model_parallel_rank()
+        self.ds_config = deepspeed_config(cfg, self.dp_size, self.device)
+
+        factory = TensorParallelLinearFactory(self.tp_group) if self.tp_size > 1 else DenseLinearFactory()
+        with deepspeed.zero.Init(
+            data_parallel_group=self.dp_group,
+            config_dict_or_path=self.ds_config,
+            mpu=self.mpu,  # DeepSpeed checks train_batch_size against the DP size, not the world size
+        ), init_on_gathered_params():  # no dtype argument: DeepSpeed 0.19.8 would pick bf16 on CPU
+            module = build_module(factory)
+        self.orphans = register_orphan_parameters(module)
+        # deepspeed.initialize draws from the global RNGs; restore them so that whatever is built next (the
+        # discriminator, noise) sees the same random stream as with the local engine.
+        rng_cpu = torch.get_rng_state()
+        rng_cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+
+        s = self._sched
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=lr_at(0, s["lr"], s["warmup_steps"], s["schedule"], s["total_steps"], s["min_lr"]),
+            betas=s["betas"], weight_decay=s["weight_decay"], eps=s["eps"],
+        )
+        self._ds, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=opt, config=self.ds_config, mpu=self.mpu, dist_init_required=False
+        )
+        torch.set_rng_state(rng_cpu)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda)
+        self.inner: nn.Module = self._ds.module
+        self.optimizer = opt
+        self.steps = 0
+        self._micro = 0
+        self._frozen_depth = 0
+        self._names = {id(p): n for n, p in self.inner.named_parameters()}
+        self._params = dict(self.inner.named_parameters())
+        self.ema: Dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            if any(name == pre or name.startswith(pre + ".") for pre in ema_prefixes):
+                self.ema[name] = self._local_fp32(p).detach().clone()
+
+    # ------------------------------------------------------------------------------------------------------
+    # forward / backward / step
+    @property
+    def module(self):  # type: ignore[override]
+        """The forward callable: the DeepSpeed engine (attribute access falls through to the bare module), or the
+        bare module inside :meth:`frozen` (so another engine's backward never enters this engine's hooks)."""
+        return self.inner if self._frozen_depth else self._ds
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch loss (scaled by ``1 / grad_accumulation`` inside DeepSpeed); ZeRO-3
+        reduce-scatters the gradients into this rank's partition."""
+        if self._micro >= self.grad_accumulation:
+            raise RuntimeError(
+                f"{self.role} engine: backward() called {self._micro + 1} times without step(); "
+                f"train.grad_accumulation={self.grad_accumulation}"
+            )
+        self._ds.backward(loss)
+        self._micro += 1
+        if self._micro < self.grad_accumulation:
+            self._ds.step()  # not an accumulation boundary: DeepSpeed only advances its micro-step counter
+
+    def step(self) -> Dict[str, float]:
+        """Optimizer step at the accumulation boundary: clip at ``optim.grad_clip`` (global norm over DP and TP),
+        AdamW with the LR of :func:`lr_at` for this step, zero the gradients. Returns ``grad_norm`` (pre-clip) and
+        ``lr``."""
+        if self._micro != self.grad_accumulation:
+            raise RuntimeError(
+                f"{self.role} engine: step() after {self._micro} backward() calls; "
+                f"train.grad_accumulation={self.grad_accumulation}"
+            )
+        s = self._sched
+        lr = lr_at(self.steps, s["lr"], s["warmup_steps"], s["schedule"], s["total_steps"], s["min_lr"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self._ds.step()
+        norm = self._ds.get_global_grad_norm()
+        self.steps += 1
+        self._micro = 0
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """No parameter of this engine gets a gradient from graphs built inside the block, and :attr:`module` is the
+        bare module (no DeepSpeed output hooks, so the *other* engine's backward does not run this engine's
+        prologue or loss scaling). ZeRO-3 still gathers the parameters for the forward and, in that backward, for
+        the input gradients; it reduces nothing. Used for D(x_hat) in the generator loss (REPA-E style)."""
+        flags = [(p, p.requires_grad) for p in self.inner.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        self._frozen_depth += 1
+        try:
+            yield
+        finally:
+            self._frozen_depth -= 1
+            for p, f in flags:
+                p.requires_grad_(f)
+
+    # ------------------------------------------------------------------------------------------------------
+    # EMA
+    def _local_fp32(self, p: nn.Parameter) -> torch.Tensor:
+        """This rank's partition of the fp32 master weight (flat, length = partition size incl. padding)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p).view(-1)
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        """``ema <- d * ema + (1 - d) * theta`` on this rank's partitions only (fp32; method §8, EMA 0.9999)."""
+        for name, e in self.ema.items():
+            e.lerp_(self._local_fp32(self._params[name]), 1.0 - self.ema_decay)
+
+    # ------------------------------------------------------------------------------------------------------
+    # gather / scatter helpers (collectives over DP and TP)
+    def _gather_full(self, p: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        """Full tensor (shape of the TP=1 parameter, fp32, CPU) from this rank's flat ZeRO-3 partition ``local``."""
+        part = int(p.ds_tensor.ds_numel)
+        buf = torch.zeros(part, dtype=torch.float32, device=self.device)
+        buf[: local.numel()] = local.to(self.device, torch.float32)
+        if self.dp_size > 1:
+            pieces = [torch.empty_like(buf) for _ in range(self.dp_size)]
+            dist.all_gather(pieces, buf, group=self.dp_group)
+            flat = torch.cat(pieces)
+        else:
+            flat = buf
+        t = flat[: p.ds_numel].view(p.ds_shape)
+        dim = tp_partition_dim(p)
+        if dim is not None and self.tp_size > 1:
+            slices = [torch.empty_like(t) for _ in range(self.tp_size)]
+            dist.all_gather(slices, t.contiguous(), group=self.tp_group)
+            t = torch.cat(slices, dim=dim)
+        return t.detach().cpu().clone()
+
+    def _local_from_full(self, p: nn.Parameter, full: torch.Tensor, name: str) -> torch.Tensor:
+        """This rank's flat ZeRO-3 partition (fp32, padded with zeros) of a full tensor; checks the shape."""
+        dim = tp_partition_dim(p)
+        want = list(p.ds_shape)
+        if dim is not None and self.tp_size > 1:
+            want[dim] *= self.tp_size
+        if list(full.shape) != want:
+            raise ValueError(f"{self.role} state: {name!r} has shape {list(full.shape)}, this model needs {want}")
+        t = full
+        if dim is not None and self.tp_size > 1:
+            t = t.chunk(self.tp_size, dim=dim)[self.tp_rank]
+        flat = t.reshape(-1).to(torch.float32)
+        part = int(p.ds_tensor.ds_numel)
+        start = self.dp_rank * part
+        piece = flat[start : start + part]
+        out = torch.zeros(part, dtype=torch.float32)
+        out[: piece.numel()] = piece
+        return out.to(self.device)
+
+    def _sync_compute_partition(self, p: nn.Parameter) -> None:
+        """Copy the fp32 master partition into the parameter's ZeRO-3 partition (the tensor forward gathers)."""
+        p.ds_tensor.data.copy_(self._local_fp32(p)[: p.ds_tensor.numel()].view_as(p.ds_tensor).to(p.ds_tensor.dtype))
+
+    def _flat_partitions(self) -> List[torch.Tensor]:
+        """The flat fp32 master partitions the client AdamW steps (ZeRO-3 puts each into a param group only for
+        the duration of ``optimizer.step()``; its state is keyed by these tensors)."""
+        return list(self._ds.optimizer.fp32_partitioned_groups_flat)
+
+    def _adam_state(self) -> Dict:
+        """Return the client AdamW's per-flat-group state, creating it (zeros, step 0) if no step was taken yet."""
+        for flat in self._flat_partitions():
+            st = self.optimizer.state[flat]
+            if "exp_avg" not in st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        return self.optimizer.state
+
+    # ------------------------------------------------------------------------------------------------------
+    # state
+    def _buffers(self) -> Dict[str, torch.Tensor]:
+        return {k: b.detach().cpu().clone() for k, b in self.inner.named_buffers() if b is not None}
+
+    def state_dict(self) -> Dict:
+        """Topology-free training state, identical on every rank (collective; all tensors fp32 on CPU):
+
+        ``module``: full parameters (TP slices merged) + buffers, keys as in the plain module's ``state_dict``;
+        ``optimizer``: ``torch.optim.AdamW.state_dict()`` layout (state indexed by the order of
+        ``module.parameters()``, full ``exp_avg``/``exp_avg_sq``, scalar ``step``); ``ema``: full EMA tensors;
+        ``steps``: optimizer steps. Same layout as :class:`~simflow.parallel.engine.LocalEngine`.
+        """
+        from deepspeed.utils import safe_get_local_optimizer_state
+
+        have_state = any("exp_avg" in self.optimizer.state.get(f, {}) for f in self._flat_partitions())
+        module_sd: Dict[str, torch.Tensor] = {}
+        opt_state: Dict[int, Dict[str, torch.Tensor]] = {}
+        ema_sd: Dict[str, torch.Tensor] = {}
+        for i, (name, p) in enumerate(self._params.items()):
+            module_sd[name] = self._gather_full(p, self._local_fp32(p))
+            if have_state:
+                opt_state[i] = {"step": torch.tensor(float(self.steps))}
+                for k in ADAM_KEYS:
+                    opt_state[i][k] = self._gather_full(p, safe_get_local_optimizer_state(p, k).view(-1))
+            if name in self.ema:
+                ema_sd[name] = self._gather_full(p, self.ema[name])
+        module_sd.update(self._buffers())
+        g = self.optimizer.param_groups[0]
+        group = {k: v for k, v in g.items() if k != "params"}
+        group["params"] = list(range(len(self._params)))
+        return {
+            "module": module_sd,
+            "optimizer": {"state": opt_state, "param_groups": [group]},
+            "ema": ema_sd,
+            "steps": self.steps,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: Dict) -> None:
+        """Load a state written by :meth:`state_dict` or by ``LocalEngine.state_dict`` at any TP/DP layout.
+
+        Raises:
+            KeyError / ValueError: a parameter is missing, unexpected, or has another shape (names the key).
+        """
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        msd = sd["module"]
+        missing = [n for n in self._params if n not in msd]
+        extra = [k for k in msd if k not in self._params and k not in dict(self.inner.named_buffers())
+                 and not k.endswith("_extra_state")]
+        if missing or extra:
+            raise KeyError(f"{self.role} state: missing parameters {missing[:5]}, unexpected keys {extra[:5]}")
+        ostate = sd.get("optimizer", {}).get("state", {})
+        if ostate:
+            self._adam_state()
+        for i, (name, p) in enumerate(self._params.items()):
+            safe_set_local_fp32_param(p, self._local_from_full(p, msd[name], name))
+            self._sync_compute_partition(p)
+            st = ostate.get(i, ostate.get(str(i)))
+            if st is not None:
+                for k in ADAM_KEYS:
+                    safe_set_local_optimizer_state(p, self._local_from_full(p, st[k], f"optimizer.{i}.{k}"), k)
+            if name in self.ema:
+                if name not in sd.get("ema", {}):
+                    raise KeyError(f"{self.role} state: no EMA entry for {name!r}")
+                self.ema[name].copy_(self._local_from_full(p, sd["ema"][name], f"ema.{name}"))
+        for k, e in sd.get("ema", {}).items():
+            if k not in self.ema:
+                raise KeyError(f"{self.role} state: checkpoint has an EMA entry {k!r} that this model does not track")
+        for k, b in self.inner.named_buffers():
+            if k in msd and b is not None:
+                b.copy_(msd[k].to(b.device, b.dtype))
+        self.steps = int(sd["steps"])
+        if ostate:
+            for flat in self._flat_partitions():
+                self.optimizer.state[flat]["step"] = torch.tensor(float(self.steps), dtype=torch.float32)
+        self._ds.global_steps = self.steps
+        self._ds.micro_steps = self.steps * self.grad_accumulation
+        self._micro = 0
+        s = self._sched
+        lr = lr_at(self.steps, s["lr"], s["warmup_steps"], s["schedule"], s["total_steps"], s["min_lr"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def full_state_dict(self, ema: bool = True) -> Dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU, keys of the plain (TP=1) module: parameters (EMA values for tracked ones when
+        ``ema``) and floating buffers. Collective: every rank calls it and gets the same dict."""
+        out: Dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            src = self.ema[name] if (ema and name in self.ema) else self._local_fp32(p)
+            out[name] = self._gather_full(p, src)
+        for k, b in self._buffers().items():
+            if b.is_floating_point():
+                out[k] = b.float()
+        return out
+
+    @contextlib.contextmanager
+    def full_params(self, ema: bool = True) -> Iterator[nn.Module]:
+        """Run the bare module with all parameters gathered (EMA values for tracked ones when ``ema``); yields the
+        module. Collective (every rank enters). Restores the training weights and partitions on exit. Use under
+        ``torch.no_grad()`` (sampling, evaluation)."""
+        import deepspeed
+
+        GatheredParameters = deepspeed.zero.GatheredParameters
+
+        backup: Dict[str, torch.Tensor] = {}
+        if ema:
+            for name, e in self.ema.items():
+                p = self._params[name]
+                backup[name] = p.ds_tensor.data.clone()
+                p.ds_tensor.data.copy_(e[: p.ds_tensor.numel()].view_as(p.ds_tensor).to(p.ds_tensor.dtype))
+        params = list(self._params.values())
+        try:
+            with GatheredParameters(params, modifier_rank=None):
+                # ZeRO-3's module hooks release a module's parameters after its forward unless they are marked as
+                # external; keep everything resident for the whole block (e.g. KV-cached sampling).
+                saved = [(p, getattr(p, "is_external_param", False)) for p in params]
+                for p in params:
+                    p.is_external_param = True
+                try:
+                    yield self.inner
+                finally:
+                    for p, flag in saved:
+                        p.is_external_param = flag
+        finally:
+            for name, b in backup.items():
+                self._params[name].ds_tensor.data.copy_(b)
+
+    # ------------------------------------------------------------------------------------------------------
+    # introspection
+    def local_numel(self) -> int:
+        """Parameter elements held by this rank (its ZeRO-3 partitions, padding included)."""
+        return sum(int(p.ds_tensor.ds_numel) for p in self._params.values())
+
+    def local_optimizer_numel(self) -> int:
+        """Optimizer-state elements held by this rank (fp32 master + AdamW moments of its partitions)."""
+        n = 0
+        for flat in self._flat_partitions():
+            n += flat.numel()
+            for v in self.optimizer.state.get(flat, {}).values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    n += v.numel()
+        return n
+
+    def full_numel(self) -> int:
+        """Parameter elements of the whole model (all TP slices, unpartitioned)."""
+        n = 0
+        for p in self._params.values():
+            n += int(p.ds_numel) * (self.tp_size if tp_partition_dim(p) is not None else 1)
+        return n
+
+
+__all__ = [
+    "DeepSpeedEngine",
+    "deepspeed_config",
+    "init_on_gathered_params",
+    "register_orphan_parameters",
+    "uses_bf16",
+]

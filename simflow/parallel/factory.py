@@ -1,0 +1,86 @@
+"""``build_engine``: the one place that turns (config, model constructor, role) into an :class:`Engine`.
+
+The trainer passes a *constructor* rather than a module so that the DeepSpeed engine can build the model under
+``deepspeed.zero.Init`` (partitioned as it is built) and choose the linear-layer factory (tensor parallelism).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+from torch import nn
+
+from simflow.config import SimFlowConfig
+from simflow.parallel.engine import Engine, LocalEngine
+
+
+def optimizer_settings(cfg: SimFlowConfig, role: str) -> Dict[str, object]:
+    """AdamW and LR-schedule settings for ``role`` (``"generator"`` or ``"discriminator"``), shared by both engines:
+    the generator uses ``optim.lr``/``optim.betas``, the discriminator ``optim.disc_lr``/``optim.disc_betas``; both
+    use ``weight_decay``, ``eps``, ``grad_clip`` and the warmup/decay schedule of :func:`lr_at` (method §8)."""
+    if role not in ("generator", "discriminator"):
+        raise ValueError(f"engine role must be 'generator' or 'discriminator', got {role!r}")
+    o = cfg.optim
+    gen = role == "generator"
+    return dict(
+        lr=o.lr if gen else o.disc_lr,
+        betas=tuple(o.betas if gen else o.disc_betas),
+        weight_decay=o.weight_decay,
+        eps=o.eps,
+        grad_clip=o.grad_clip,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        total_steps=cfg.train.steps,
+        min_lr=o.min_lr,
+    )
+
+
+def build_engine(
+    cfg: SimFlowConfig,
+    build_module: Callable[..., nn.Module],
+    role: str,
+    ema_prefixes: Sequence[str],
+    topology,
+) -> Engine:
+    """Engine for ``role`` (``"generator"`` | ``"discriminator"``) chosen by ``parallel.engine``.
+
+    Args:
+        cfg: SimFlow config.
+        build_module: ``build_module(linear_factory=None) -> nn.Module``. ``local``: called with no factory (dense
+            layers) and moved to ``topology.device``; ``deepspeed``: called once with the TP or dense factory under
+            ``deepspeed.zero.Init``.
+        role: selects LR/betas (``optim.lr``/``betas`` or ``optim.disc_lr``/``disc_betas``).
+        ema_prefixes: sub-modules with an EMA (e.g. ``["flow"]``).
+        topology: :class:`~simflow.parallel.topology.Topology` (or any object with ``device`` and ``world_size``).
+
+    Raises:
+        ValueError: ``parallel.engine=local`` with more than one process.
+    """
+    if cfg.parallel.engine == "deepspeed":
+        from simflow.parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, build_module, role, ema_prefixes, topology)
+    if cfg.parallel.engine != "local":
+        raise ValueError(f"parallel.engine={cfg.parallel.engine!r}: must be 'local' or 'deepspeed'")
+    if topology.world_size > 1:
+        raise ValueError("parallel.engine=local runs in one process; use parallel.engine=deepspeed under torchrun/srun")
+    module = build_module().to(topology.device)
+    s = optimizer_settings(cfg, role)
+    return LocalEngine(
+        module,
+        lr=s["lr"],
+        betas=s["betas"],
+        weight_decay=s["weight_decay"],
+        eps=s["eps"],
+        grad_accumulation=cfg.train.grad_accumulation,
+        grad_clip=s["grad_clip"],
+        warmup_steps=s["warmup_steps"],
+        schedule=s["schedule"],
+        total_steps=s["total_steps"],
+        min_lr=s["min_lr"],
+        ema_prefixes=ema_prefixes,
+        ema_decay=cfg.train.ema_decay,
+    )
+
+
+__all__ = ["build_engine", "optimizer_settings"]

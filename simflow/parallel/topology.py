@@ -1,0 +1,455 @@
+"""Process groups for SimFlow: who am I, who are my tensor-parallel and data-parallel peers.
+
+Three ways a process can be started, all read from the environment (no flags):
+
+* ``torchrun`` (or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``,
+  including one ``torchrun`` agent per node under ``srun``);
+* ``srun`` directly, one task per process: ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``; the
+  rendezvous host is ``MASTER_ADDR`` when set, else the first host of ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST``;
+  the port is ``MASTER_PORT`` when set, else derived from the job id (``20000 + job_id % 20000``) so that all tasks
+  of one job agree without talking to each other;
+* a plain ``python`` process (world size 1).
+
+:func:`detect_dist_env` only *reads* the environment: the launcher uses it to validate the configuration (global
+batch = micro-batch x accumulation x DP) before any process group exists. :func:`init_topology` then starts
+``torch.distributed`` (gloo on CPU, NCCL on CUDA), megatron-core ``parallel_state`` with ``tp_size`` adjacent ranks
+per tensor-parallel group (megatron order ``tp-cp-ep-dp-pp``: ranks ``[0, 1]`` are one TP group when TP=2, so TP
+stays inside a node), and DeepSpeed's communication layer when the DeepSpeed engine is used. DP = world / TP.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional
+
+import torch
+
+from simflow.config import ConfigError, SimFlowConfig, global_batch_size
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What the environment says about this process (before any process group exists).
+
+    Attributes:
+        launcher: ``"torchrun"``, ``"srun"`` or ``"single"``.
+        rank / world_size: global rank and number of processes.
+        local_rank / local_world_size: rank and process count on this node (selects the GPU).
+        node_rank / num_nodes: this node's index and the node count (informational).
+        master_addr / master_port: rendezvous address for ``init_process_group``.
+    """
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    master_addr: str
+    master_port: int
+
+
+def _int(environ: Mapping[str, str], key: str, default: Optional[int] = None) -> int:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        if default is None:
+            raise ConfigError(f"environment variable {key} is required but not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={raw!r}: not an integer") from None
+
+
+def expand_slurm_tasks_per_node(spec: str) -> List[int]:
+    """Expand Slurm's compressed ``SLURM_TASKS_PER_NODE`` (e.g. ``"2(x3),1"``) to one count per node
+    (``[2, 2, 2, 1]``)."""
+    counts: List[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise ConfigError(f"SLURM_TASKS_PER_NODE={spec!r}: cannot parse {part!r}")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a Slurm node list such as ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"`` (zero padding kept).
+
+    Only the first entry is needed for the rendezvous address; the grammar handled is Slurm's ``prefix[ranges]``
+    with comma-separated ranges and optional numeric suffix after the bracket.
+    """
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ConfigError("SLURM_JOB_NODELIST is empty")
+    # split on the first top-level comma
+    depth = 0
+    for i, ch in enumerate(nodelist):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            nodelist = nodelist[:i]
+            break
+    m = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges, suffix = m.groups()
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}{suffix}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (for single-process or test rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def detect_dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Read rank, world size and rendezvous from the environment (torchrun, srun, or a single process).
+
+    Torchrun-style variables win when present (``torchrun`` inside an ``srun`` step). Pure: starts nothing and
+    does not modify ``environ``.
+
+    Raises:
+        ConfigError: a variable is missing or malformed, or ranks are out of range.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE")
+        rank = _int(env, "RANK")
+        local_rank = _int(env, "LOCAL_RANK", 0)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        de = DistEnv(
+            launcher="torchrun",
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            local_world_size=local_world,
+            node_rank=_int(env, "GROUP_RANK", rank // max(1, local_world)),
+            num_nodes=max(1, world // max(1, local_world)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", 29500),
+        )
+    elif "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
+        rank = _int(env, "SLURM_PROCID")
+        node_rank = _int(env, "SLURM_NODEID", 0)
+        tpn = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+        if tpn:
+            per_node = expand_slurm_tasks_per_node(tpn)
+            local_world = per_node[node_rank] if node_rank < len(per_node) else per_node[-1]
+            num_nodes = len(per_node)
+        else:
+            local_world, num_nodes = world, 1
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        addr = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1")
+        if "MASTER_PORT" in env:
+            port = _int(env, "MASTER_PORT")
+        else:
+            port = 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
+        de = DistEnv(
+            launcher="srun",
+            rank=rank,
+            world_size=world,
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            local_world_size=local_world,
+            node_rank=node_rank,
+            num_nodes=num_nodes,
+            master_addr=addr,
+            master_port=port,
+        )
+    else:
+        de = DistEnv("single", 0, 1, 0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", 0))
+    if de.world_size < 1 or not 0 <= de.rank < de.world_size:
+        raise ConfigError(f"{de.launcher}: rank {de.rank} is outside world size {de.world_size}")
+    if not 0 <= de.local_rank < max(1, de.local_world_size):
+        raise ConfigError(f"{de.launcher}: local rank {de.local_rank} is outside local world size {de.local_world_size}")
+    return de
+
+
+def resolve_device(cfg: SimFlowConfig, local_rank: int = 0) -> torch.device:
+    """``train.device``: ``auto`` picks ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device='cuda' but torch.cuda.is_available() is False")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def resolve_backend(cfg: SimFlowConfig, device: torch.device) -> str:
+    """``parallel.backend``: ``auto`` is NCCL on CUDA and gloo on CPU; NCCL on a CPU device is an error."""
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("parallel.backend='nccl' needs CUDA devices; use 'gloo' (or 'auto') on CPU")
+    return backend
+
+
+def check_parallel_config(cfg: SimFlowConfig, world_size: int, source: str = "<config>") -> int:
+    """Check the parallel layout against the world size before any process group starts; return DP size.
+
+    Rules: ``world_size % tp_size == 0``; the flow's attention heads divide by ``tp_size``; if
+    ``train.global_batch_size`` is set it equals ``micro_batch_size x grad_accumulation x DP``; TP > 1 needs the
+    DeepSpeed engine (the local engine holds one process and no tensor-parallel groups).
+
+    Raises:
+        ConfigError: naming the key and the values at fault.
+    """
+    from simflow.config import validate
+
+    tp = cfg.parallel.tp_size
+    if tp < 1 or world_size % tp != 0:
+        raise ConfigError(
+            f"{source}: parallel.tp_size={tp}: the world size {world_size} must be a multiple of the TP size"
+        )
+    dp = world_size // tp
+    if cfg.parallel.engine == "local" and world_size > 1:
+        raise ConfigError(
+            f"{source}: parallel.engine='local' runs in one process, but the world size is {world_size}; "
+            "use parallel.engine=deepspeed"
+        )
+    if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage != 3:
+        raise ConfigError(f"{source}: parallel.zero_stage={cfg.parallel.zero_stage}: only ZeRO stage 3 is supported")
+    validate(cfg, dp_size=dp, source=source)
+    return dp
+
+
+@dataclass
+class Topology:
+    """This process's place in the job, after :func:`init_topology`.
+
+    Attributes:
+        env: the :class:`DistEnv` read at start.
+        tp_size / tp_rank: tensor-parallel group size and rank (flow-transformer layers are split across it; every
+            rank of a TP group sees the same micro-batch).
+        dp_size / dp_rank: data-parallel size and rank. **Data loaders shard by (dp_rank, dp_size)**, not by the
+            global rank; ZeRO-3 partitions parameters over the DP group.
+        device: ``cpu`` or ``cuda:<local_rank>``.
+        backend: ``gloo`` or ``nccl`` (``None`` when no process group was started: world size 1, local engine).
+        engine: ``local`` or ``deepspeed`` (from ``parallel.engine``).
+    """
+
+    env: DistEnv
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    device: torch.device
+    backend: Optional[str]
+    engine: str
+    _owns_process_group: bool = field(default=False, repr=False)
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def local_rank(self) -> int:
+        return self.env.local_rank
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0 (logging, file writes that happen once)."""
+        return self.env.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when ``torch.distributed`` is initialised (world size > 1 or the DeepSpeed engine)."""
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    @property
+    def tp_group(self):
+        """The tensor-parallel process group (``None`` when not distributed)."""
+        if not self.distributed:
+            return None
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def dp_group(self):
+        """The data-parallel process group (``None`` when not distributed)."""
+        if not self.distributed:
+            return None
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process without a process group)."""
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def all_reduce_mean(self, value: float, group=None) -> float:
+        """Mean of a Python float over ``group`` (default: all ranks). Returns the value unchanged when alone."""
+        if not self.distributed:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device if self.backend == "nccl" else "cpu")
+        torch.distributed.all_reduce(t, group=group)
+        return float(t.item()) / torch.distributed.get_world_size(group)
+
+    def table(self, cfg: SimFlowConfig) -> str:
+        """The topology as a small text table: world, TP, DP, micro-batch, accumulation, global batch."""
+        rows = [
+            ("launcher", self.env.launcher),
+            ("engine", f"{self.engine} (ZeRO-{cfg.parallel.zero_stage})" if self.engine == "deepspeed" else self.engine),
+            ("backend / device", f"{self.backend or '-'} / {self.device.type}"),
+            ("nodes x procs/node", f"{self.env.num_nodes} x {self.env.local_world_size}"),
+            ("world size", str(self.world_size)),
+            ("tensor parallel (TP)", str(self.tp_size)),
+            ("data parallel (DP)", str(self.dp_size)),
+            ("micro-batch / rank", str(cfg.train.micro_batch_size)),
+            ("grad accumulation", str(cfg.train.grad_accumulation)),
+            ("global batch", f"{global_batch_size(cfg, self.dp_size)} = "
+             f"{cfg.train.micro_batch_size} x {cfg.train.grad_accumulation} x {self.dp_size}"),
+        ]
+        w = max(len(k) for k, _ in rows)
+        v = max(len(x) for _, x in rows)
+        line = "+" + "-" * (w + 2) + "+" + "-" * (v + 2) + "+"
+        out = [line] + [f"| {k.ljust(w)} | {x.ljust(v)} |" for k, x in rows] + [line]
+        return "\n".join(out)
+
+    def as_dict(self) -> Dict[str, object]:
+        """Plain dict for logs and checkpoint metadata."""
+        return {
+            "launcher": self.env.launcher,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "tp_size": self.tp_size,
+            "tp_rank": self.tp_rank,
+            "dp_size": self.dp_size,
+            "dp_rank": self.dp_rank,
+            "device": str(self.device),
+            "backend": self.backend,
+            "engine": self.engine,
+        }
+
+
+def init_topology(
+    cfg: SimFlowConfig,
+    env: Optional[DistEnv] = None,
+    timeout_minutes: float = 30.0,
+) -> Topology:
+    """Start the process groups for ``cfg`` and return this rank's :class:`Topology`.
+
+    Steps: check the layout (:func:`check_parallel_config`); pick the device and backend; set ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` in ``os.environ`` (DeepSpeed reads them);
+    ``torch.distributed.init_process_group``; megatron-core ``parallel_state.initialize_model_parallel(tp_size)``;
+    ``deepspeed.init_distributed`` for the DeepSpeed engine. A world of one process with the local engine starts no
+    process group at all.
+
+    Raises:
+        ConfigError: bad layout or environment.
+    """
+    env = env or detect_dist_env()
+    dp = check_parallel_config(cfg, env.world_size)
+    device = resolve_device(cfg, env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    need_pg = env.world_size > 1 or cfg.parallel.engine == "deepspeed" or cfg.parallel.tp_size > 1
+    if not need_pg:
+        return Topology(env, 1, 0, 1, 0, device, None, cfg.parallel.engine)
+
+    backend = resolve_backend(cfg, device)
+    port = env.master_port or free_port(env.master_addr if env.launcher == "single" else "127.0.0.1")
+    os.environ.update(
+        {
+            "RANK": str(env.rank),
+            "WORLD_SIZE": str(env.world_size),
+            "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size),
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(port),
+        }
+    )
+    owns = False
+    if not torch.distributed.is_initialized():
+        kwargs = {}
+        if device.type == "cuda":
+            kwargs["device_id"] = device
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
+        )
+        owns = True
+
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != cfg.parallel.tp_size:
+            raise ConfigError(
+                f"parallel.tp_size={cfg.parallel.tp_size}: megatron-core parallel_state is already initialised "
+                f"with TP={parallel_state.get_tensor_model_parallel_world_size()}"
+            )
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.parallel.tp_size,
+            create_gloo_process_groups=False,
+            distributed_timeout_minutes=int(max(1, timeout_minutes)),
+        )
+    if cfg.parallel.engine == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    topo = Topology(
+        env=env,
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+        backend=backend,
+        engine=cfg.parallel.engine,
+        _owns_process_group=owns,
+    )
+    assert topo.dp_size == dp, (topo.dp_size, dp)
+    return topo
+
+
+def destroy_topology(topo: Optional[Topology] = None) -> None:
+    """Tear down megatron-core groups and the default process group (if this module started it)."""
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+    except ImportError:  # pragma: no cover - megatron-core is a hard dependency
+        pass
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if topo is None or topo._owns_process_group:
+            torch.distributed.destroy_process_group()
+
+
+__all__ = [
+    "DistEnv",
+    "Topology",
+    "detect_dist_env",
+    "init_topology",
+    "destroy_topology",
+    "check_parallel_config",
+    "resolve_device",
+    "resolve_backend",
+    "free_port",
+    "first_slurm_host",
+    "expand_slurm_tasks_per_node",
+]
