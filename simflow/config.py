@@ -225,6 +225,10 @@ class SampleConfig:
     num_samples: int = 50_000
     seed: int = 0
     use_ema: bool = True
+    # Offline sample sets (``python -m simflow.sample``): sample indices [0, num_samples) are cut into ranges of
+    # ``range_size``, dealt round-robin to (array task, rank) and written as one NPZ part each under ``out_dir``.
+    range_size: int = 1000
+    out_dir: Optional[str] = None
 
 
 @dataclass
@@ -351,6 +355,11 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("data.io_threads", "must be >= 1")
     if cfg.checkpoint.keep < 1:
         bad("checkpoint.keep", "must be >= 1")
+    for key in ("sample.batch_size", "sample.num_samples", "sample.range_size"):
+        if _get(cfg, key) < 1:
+            bad(key, "must be >= 1")
+    if cfg.sample.temperature <= 0:
+        bad("sample.temperature", "must be > 0")
     r = cfg.loss.repa
     if r.enabled and not 1 <= r.layer <= sum(f.layers_per_block):
         bad("loss.repa.layer", f"must be in [1, {sum(f.layers_per_block)}] (total flow layers)")
