@@ -123,24 +123,29 @@ def slot_from_env(
 ) -> Slot:
     """The :class:`Slot` of this process. Explicit arguments win over the environment.
 
-    Rank / world size: ``RANK``/``WORLD_SIZE`` (torchrun), else ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` inside an
-    ``srun`` step (``SLURM_STEP_ID`` set), else 0/1. Array: ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of
-    ``SLURM_ARRAY_TASK_COUNT``, else 0/1. No process group is created: ranks never communicate.
+    Rank / world size / local rank: :func:`simflow.parallel.topology.detect_dist_env` (``RANK``/``WORLD_SIZE``
+    from torchrun, else ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` inside an ``srun`` step, else 0/1). Array:
+    ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``, else 0/1. No process group is
+    created: ranks never communicate.
 
     Raises:
         SampleSetError: malformed or out-of-range values (naming the variable).
     """
     env = os.environ if environ is None else environ
-    local_rank = _env_int(env, "LOCAL_RANK")
+    local_rank = 0
     if rank is None and world_size is None:
-        if "RANK" in env and "WORLD_SIZE" in env:
-            rank, world_size = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
-        elif "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
-            rank = _env_int(env, "SLURM_PROCID")
-            world_size = _env_int(env, "SLURM_STEP_NUM_TASKS") or _env_int(env, "SLURM_NTASKS") or 1
-            local_rank = local_rank if local_rank is not None else _env_int(env, "SLURM_LOCALID")
+        from simflow.config import ConfigError
+        from simflow.parallel.topology import detect_dist_env
+
+        try:  # the launcher's reading of torchrun / srun variables, so both agree on who is who
+            de = detect_dist_env(env)
+        except ConfigError as e:
+            raise SampleSetError(str(e)) from None
+        rank, world_size, local_rank = de.rank, de.world_size, de.local_rank
     elif rank is None or world_size is None:
         raise SampleSetError("give both rank and world size, or neither (they are then read from the environment)")
+    else:
+        local_rank = _env_int(env, "LOCAL_RANK") or 0
     if array_index is None and array_count is None and "SLURM_ARRAY_TASK_ID" in env:
         task = _env_int(env, "SLURM_ARRAY_TASK_ID")
         count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
@@ -149,7 +154,7 @@ def slot_from_env(
         array_index, array_count = task - (_env_int(env, "SLURM_ARRAY_TASK_MIN") or 0), count
     elif (array_index is None) != (array_count is None):
         raise SampleSetError("give both --array-index and --array-count, or neither")
-    return Slot(rank or 0, world_size or 1, array_index or 0, array_count or 1, local_rank or 0)
+    return Slot(rank, world_size, array_index or 0, array_count or 1, local_rank)
 
 
 def index_ranges(num_samples: int, range_size: int) -> List[Tuple[int, int]]:
