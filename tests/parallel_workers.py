@@ -1,0 +1,204 @@
+"""Multi-process helpers for the distributed tests (not collected by pytest: no ``test_`` prefix).
+
+:func:`spawn` starts ``world`` CPU processes (gloo, 127.0.0.1, a free port) running ``fn(rank, world, *args)`` with
+torchrun-style environment variables; each worker's exception is written to a file and re-raised in the parent, and
+a hung group is killed after ``timeout`` seconds. Workers return results by ``torch.save`` into a shared folder.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+import warnings
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def _entry(rank: int, world: int, port: int, errdir: str, fn: Callable, args: Sequence[Any]) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's notes on DeepSpeed's collective calls
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+    try:
+        fn(rank, world, *args)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        with open(os.path.join(errdir, f"error_rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def spawn(fn: Callable, world: int, args: Sequence[Any], errdir: str, timeout: float = 600.0) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes; raise with the first worker traceback."""
+    from simflow.parallel.topology import free_port
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, errdir, fn, tuple(args))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout
+    try:
+        while any(p.is_alive() for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    errors = sorted(f for f in os.listdir(errdir) if f.startswith("error_rank"))
+    if errors:
+        with open(os.path.join(errdir, errors[0])) as f:
+            raise RuntimeError(f"worker {errors[0]} failed:\n{f.read()}")
+    codes = [p.exitcode for p in procs]
+    if any(c != 0 for c in codes):
+        raise RuntimeError(f"workers exited with {codes} (timeout {timeout}s or crash)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tensor parallelism on the real flow, no DeepSpeed
+def _perturb(model: torch.nn.Module, tp_rank: int, tp_size: int) -> None:
+    """Add the same N(0, 0.05^2) full-size noise to every parameter of a dense and a TP model (TP models keep
+    their slice), so the zero-initialised adaLN and heads do not make the flow the identity."""
+    from simflow.parallel.tensor_parallel import tp_partition_dim
+
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            dim = tp_partition_dim(p)
+            shape = list(p.shape)
+            if dim is not None:
+                shape[dim] *= tp_size
+            g = torch.Generator().manual_seed(1000 + i)
+            noise = torch.randn(shape, generator=g) * 0.05
+            if dim is not None:
+                noise = noise.chunk(tp_size, dim=dim)[tp_rank]
+            p.add_(noise)
+
+
+def tp_flow_checks(cfg, tp_group) -> Dict[str, float]:
+    """Max |TP - dense| for initial weights, forward (z, log_det), parameter gradients and KV-cached CFG sampling
+    of the real :class:`~simflow.models.flow.TransformerFlow` (same seed, same perturbation)."""
+    import torch.distributed as dist
+
+    from simflow.models.flow import Guidance, TransformerFlow
+    from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
+
+    tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    c, h = cfg.model.vae.latent_channels, cfg.model.resolution // 2 ** (len(cfg.model.vae.ch_mult) - 1)
+    torch.manual_seed(123)
+    dense = TransformerFlow(cfg.model.flow, c, h)
+    torch.manual_seed(123)
+    factory = TensorParallelLinearFactory(tp_group)
+    tp = TransformerFlow(cfg.model.flow, c, h, linear_factory=factory)
+    out: Dict[str, float] = {"tp_size": float(factory.tp_size)}
+
+    def full(p: torch.Tensor, value: torch.Tensor = None) -> torch.Tensor:
+        """The TP=1 view of ``value`` (default ``p``), gathering slices when ``p`` is split over TP."""
+        value = p.detach() if value is None else value.detach()
+        dim = tp_partition_dim(p)
+        if dim is None:
+            return value
+        parts = [torch.empty_like(value) for _ in range(tp_size)]
+        dist.all_gather(parts, value.contiguous(), group=tp_group)
+        return torch.cat(parts, dim=dim)
+
+    dn = dict(dense.named_parameters())
+    tn = dict(tp.named_parameters())
+    out["init_max_diff"] = max((full(tn[k]) - dn[k]).abs().max().item() for k in dn)
+    out["n_split_params"] = float(sum(tp_partition_dim(p) is not None for p in tn.values()))
+    _perturb(dense, 0, 1)
+    _perturb(tp, tp_rank, tp_size)
+
+    g = torch.Generator().manual_seed(7)
+    z_img = torch.randn(3, c, h, h, generator=g)
+    y = torch.tensor([1, 4, cfg.model.flow.num_classes])
+    w = torch.randn(3, h * h, c, generator=g)
+    res = {}
+    for name, m in (("dense", dense), ("tp", tp)):
+        z, log_det, _ = m(z_img, y)
+        loss = (z * w).sum() + log_det.sum() * 0.01
+        loss.backward()
+        res[name] = (z.detach(), log_det.detach(), {k: full(p, p.grad) for k, p in m.named_parameters()})
+    out["fwd_z_max_diff"] = (res["tp"][0] - res["dense"][0]).abs().max().item()
+    out["fwd_logdet_max_diff"] = (res["tp"][1] - res["dense"][1]).abs().max().item()
+    out["grad_max_diff"] = max((res["tp"][2][k] - res["dense"][2][k]).abs().max().item() for k in dn)
+    out["grad_max_abs"] = max(res["dense"][2][k].abs().max().item() for k in dn)
+    out["z_max_abs"] = res["dense"][0].abs().max().item()
+    out["logdet_max_abs"] = res["dense"][1].abs().max().item()
+
+    noise = torch.randn(2, h * h, c, generator=g)
+    yl = torch.tensor([3, 7])
+    with torch.no_grad():
+        for mode in ("deep_only", "gaussian"):
+            guide = Guidance(scale=1.5, mode=mode)
+            a = dense.inverse(noise, yl, guide, use_cache=True)
+            b = tp.inverse(noise, yl, guide, use_cache=True)
+            out[f"sample_{mode}_max_diff"] = (a - b).abs().max().item()
+            out[f"sample_{mode}_max_abs"] = a.abs().max().item()
+        # the cached TP decode is also the exact inverse of the TP forward (no guidance)
+        zf, _, _ = tp(z_img, y)
+        back = tp.inverse(zf, y, None, use_cache=True)
+        out["tp_roundtrip_max_diff"] = (back - z_img).abs().max().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the real trainer on the DeepSpeed engine
+def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], steps: int) -> None:
+    """Build the tiny config's Trainer on the DeepSpeed engine, run ``steps`` steps, snapshot the topology-free
+    state, export, sample from the sharded EMA, run one more step. Rank 0 saves everything to ``outdir``."""
+    from simflow.config import load_config
+    from simflow.parallel.factory import build_engine
+    from simflow.parallel.topology import destroy_topology, init_topology
+    from simflow.sampling import sample_images
+    from simflow.train.trainer import Trainer
+
+    cfg = load_config(TINY, overrides)
+    topo = init_topology(cfg)
+    res: Dict[str, Any] = {"topology": topo.as_dict()}
+    if topo.tp_size > 1:
+        res["tp_checks"] = tp_flow_checks(cfg, topo.tp_group)
+    t0 = time.time()
+    tr = Trainer(cfg, topo, build_engine=build_engine)
+    res["build_s"] = time.time() - t0
+    gen = tr.gen
+    res["orphans"] = gen.orphans
+    res["local_numel"] = gen.local_numel()
+    res["full_numel"] = gen.full_numel()
+    res["tp_local_numel"] = sum(int(p.ds_numel) for p in gen.inner.parameters())
+    res["n_params"] = len(list(gen.inner.parameters()))
+    from simflow.parallel.tensor_parallel import tp_partition_dim
+
+    res["tp_split_local_numel"] = sum(int(p.ds_numel) for p in gen.inner.parameters() if tp_partition_dim(p) is not None)
+    numels = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    torch.distributed.all_gather(numels, torch.tensor([res["local_numel"]]))
+    res["local_numel_all"] = [int(t.item()) for t in numels]
+    it = iter(tr.loader)
+    t0 = time.time()
+    res["metrics"] = [tr.train_step(it) for _ in range(steps)]
+    res["steps_s"] = time.time() - t0
+    res["gen_state"] = gen.state_dict()
+    res["disc_state"] = tr.disc.state_dict() if tr.disc is not None else None
+    res["loader_state"] = tr.loader.state_dict()
+    res["export"] = gen.full_state_dict(ema=True)
+    idx = torch.arange(6)
+    with torch.no_grad(), gen.full_params(ema=True) as model:
+        model.eval()
+        res["samples"] = sample_images(model, idx, idx % cfg.model.flow.num_classes, cfg.sample, topo.device,
+                                       torch.float32)
+        model.train()
+    res["next_metrics"] = tr.train_step(it)
+    res["after_next_export"] = gen.full_state_dict(ema=False)
+    if rank == 0:
+        torch.save(res, os.path.join(outdir, "result.pt"))
+    destroy_topology(topo)

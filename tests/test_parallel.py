@@ -1,0 +1,133 @@
+"""Single-process tests of the parallel layer: environment parsing, layout checks, the derived DeepSpeed config,
+and the launcher refusing a bad layout before any process group exists."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from simflow.config import ConfigError, load_config
+from simflow.parallel.topology import (
+    check_parallel_config,
+    detect_dist_env,
+    expand_slurm_tasks_per_node,
+    first_slurm_host,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def test_torchrun_env():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+           "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29555", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}
+    e = detect_dist_env(env)  # torchrun variables win over an enclosing srun step
+    assert (e.launcher, e.rank, e.world_size, e.local_rank, e.local_world_size, e.node_rank, e.num_nodes) == (
+        "torchrun", 3, 4, 1, 2, 1, 2)
+    assert (e.master_addr, e.master_port) == ("10.0.0.7", 29555)
+
+
+def test_srun_env():
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "6", "SLURM_NODEID": "2",
+           "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x3)", "SLURM_STEP_NODELIST": "gpu[007-009]",
+           "SLURM_JOB_ID": "123456", "SLURM_NTASKS": "99"}
+    e = detect_dist_env(env)
+    assert (e.launcher, e.rank, e.world_size, e.local_rank, e.local_world_size, e.node_rank, e.num_nodes) == (
+        "srun", 5, 6, 1, 2, 2, 3)
+    assert e.master_addr == "gpu007"
+    assert e.master_port == 20000 + 123456 % 20000
+    env["MASTER_ADDR"], env["MASTER_PORT"] = "head", "31000"
+    e = detect_dist_env(env)
+    assert (e.master_addr, e.master_port) == ("head", 31000)
+
+
+def test_sbatch_batch_step_is_single_process():
+    # the batch script itself has SLURM_* job variables but no step: it is not a rank of a parallel job
+    e = detect_dist_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_PROCID": "0"})
+    assert (e.launcher, e.rank, e.world_size) == ("single", 0, 1)
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "outside world size"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2[x]"},
+     "SLURM_TASKS_PER_NODE"),
+])
+def test_bad_env_names_the_variable(env, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
+        detect_dist_env(env)
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("gpu[003-005,9],cpu1", "gpu003"), ("node1,node2", "node1"), ("a[1-2]-ib", "a1-ib"), ("solo", "solo"),
+    ("rack[10,12]n[1-4]", "rack10n[1-4]"),
+])
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_expand_tasks_per_node():
+    assert expand_slurm_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert expand_slurm_tasks_per_node("4") == [4]
+
+
+def test_layout_checks_name_the_key():
+    cfg = load_config(TINY, ["parallel.engine=deepspeed", "parallel.tp_size=2"])
+    assert check_parallel_config(cfg, 4) == 2
+    with pytest.raises(ConfigError, match="parallel.tp_size=2.*world size 3"):
+        check_parallel_config(cfg, 3)
+    cfg = load_config(TINY, ["parallel.engine=deepspeed", "train.micro_batch_size=4", "train.grad_accumulation=2",
+                             "train.global_batch_size=16"])
+    assert check_parallel_config(cfg, 2) == 2
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=16.*4\) x grad_accumulation \(2\) x DP size \(4\) = 32"):
+        check_parallel_config(cfg, 4)
+    with pytest.raises(ConfigError, match="parallel.engine='local'.*world size is 2"):
+        check_parallel_config(load_config(TINY), 2)
+    with pytest.raises(ConfigError, match="attention heads"):
+        load_config(TINY, ["parallel.tp_size=3"])  # 4 heads of 16 in the tiny flow
+
+
+def test_deepspeed_config_is_derived_from_the_simflow_config():
+    from simflow.parallel.deepspeed_engine import deepspeed_config
+
+    cfg = load_config(TINY, ["train.micro_batch_size=3", "train.grad_accumulation=5", "optim.grad_clip=0.7"])
+    c = deepspeed_config(cfg, dp_size=4, device=torch.device("cpu"))
+    assert c["train_micro_batch_size_per_gpu"] == 3 and c["gradient_accumulation_steps"] == 5
+    assert c["train_batch_size"] == 60 and c["gradient_clipping"] == 0.7
+    z = c["zero_optimization"]
+    assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 0 and z["memory_efficient_linear"] is False
+    assert not c["bf16"]["enabled"] and "torch_autocast" not in c  # fp32 on CPU
+    g = deepspeed_config(cfg, dp_size=4, device=torch.device("cuda", 0))  # bf16 autocast on CUDA (precision=auto)
+    assert g["torch_autocast"]["enabled"] and g["torch_autocast"]["dtype"] == "bfloat16"
+    assert "simflow.parallel.tensor_parallel.ColumnParallelDense" in g["torch_autocast"]["lower_precision_safe_modules"]
+    f = deepspeed_config(load_config(TINY, ["train.precision=fp32"]), 1, torch.device("cuda", 0))
+    assert "torch_autocast" not in f
+
+
+@pytest.mark.parametrize("overrides, env, key", [
+    (["parallel.engine=deepspeed", "parallel.tp_size=2"], {"WORLD_SIZE": "3", "RANK": "0"}, "parallel.tp_size"),
+    (["parallel.engine=deepspeed", "train.global_batch_size=100"], {"WORLD_SIZE": "2", "RANK": "1"},
+     "train.global_batch_size"),
+    ([], {"WORLD_SIZE": "2", "RANK": "0"}, "parallel.engine"),
+    (["train.global_batch_size=5"], {}, "train.global_batch_size"),
+])
+def test_launcher_rejects_bad_layout_before_any_process_group(overrides, env, key, monkeypatch, capsys):
+    """The launcher checks the layout against the environment and exits with status 2 naming the key; the
+    rendezvous address points nowhere, so reaching init_process_group would hang instead of returning."""
+    from launcher.main import main
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.1")  # TEST-NET-1: unroutable
+    monkeypatch.setenv("MASTER_PORT", "9")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.time()
+    assert main(["--config", TINY, *overrides]) == 2
+    assert time.time() - t0 < 30
+    err = capsys.readouterr().err
+    assert "config error" in err and key in err
+    assert not torch.distributed.is_initialized()
