@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from simflow.eval.weights import WeightsError, load_generator, resolve_config
     from simflow.train.trainer import autocast_dtype
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     progress = not args.no_progress
     try:
         if args.pack:

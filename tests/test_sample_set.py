@@ -293,7 +293,7 @@ def test_cli_single_process_equals_reference(weights, reference_set, tmp_path, c
     (["model.flow.width=32"], "do not fit the config's model section: shape mismatches"),
     (["--num-samples", "0"], "sample.num_samples=0: must be >= 1"),
     (["--range-size", "0"], "sample.range_size=0: must be >= 1"),
-    (["sample.temperature=0"], "sample.temperature=0.0: must be > 0"),
+    (["sample.temperature=0", "--device", "cpu"], "sample.temperature=0.0: must be > 0"),  # intermixed
     (["sample.cfg_mode=best"], "sample.cfg_mode='best'"),
     (["sample.use_ema=false"], "exported weights hold the EMA flow only"),
     (["--array-index", "2", "--array-count", "2"], "array index 2 is outside array count 2"),

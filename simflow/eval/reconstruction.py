@@ -236,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from simflow.eval.weights import WeightsError, load_generator, resolve_config
     from simflow.train.trainer import autocast_dtype
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
         bad = [m for m in metrics if m not in ("psnr", "rfid")]
