@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Benchmark the distributed engine: per-rank memory and step time of DeepSpeed ZeRO-3 against one process.
+
+    python tools/bench_engine.py                          # CPU (gloo): tiny, local vs ZeRO-3 at DP = 1, 2, 4
+    python tools/bench_engine.py --config b --dps 1 2 --steps 2 --global-batch 4
+    python tools/bench_engine.py --tp 2 --dps 2           # adds TP=2 x DP=2 (4 processes)
+    python tools/bench_engine.py --gpu-xl 16 --steps 5    # one GPU: XL joint step at micro-batch 16, bf16, MFU
+
+CPU mode prints one table. Every case trains the real generator + discriminator (the trainer's ``train_step``) at the
+same global batch; the ZeRO-3 cases split it over DP ranks. Memory columns count the bytes of the tensors each
+rank holds for the generator (exact, from the engine): parameter partition, fp32 master + AdamW moments, EMA. With
+ZeRO-3 they fall as 1/DP. Step time is the median over ``--steps`` timed steps after one warm-up step; on a machine
+with fewer cores than processes the ranks share cores, so step time there shows overhead, not speed-up.
+
+``--gpu-xl MB`` (used by ``tools/gpu_check_engine.sh``) runs one process on CUDA with the DeepSpeed engine at
+micro-batch MB and prints one JSON line: step time, images/s, peak memory, model FLOPs per step (counted with
+``torch.utils.flop_counter`` on one real step, forward + backward of every network in it) and
+MFU = FLOPs per step / step time / 989e12 (H100/H200 dense bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PEAK_BF16_FLOPS = 989e12
+
+
+def _synthetic(cfg, batch: int, rank_offset: int):
+    """Random batches at the config's resolution (throughput does not depend on pixel values)."""
+    import torch
+
+    g = torch.Generator().manual_seed(rank_offset)
+    i = rank_offset
+    r = cfg.model.resolution
+    while True:
+        yield {"image": torch.rand(batch, 3, r, r, generator=g) * 2 - 1,
+               "label": torch.randint(0, cfg.model.flow.num_classes, (batch,), generator=g),
+               "index": torch.arange(i, i + batch)}
+        i += batch * 1000
+
+
+def _overrides(data: str, micro: int, global_batch: int, extra):
+    return ["loss.perceptual.weight=0", "loss.repa.enabled=false", "logging.wandb=disabled", "train.sample_every=0",
+            "checkpoint.resume=false", "data.source=npz", f"data.path={data}", "loss.gan.start_step=0",
+            f"train.micro_batch_size={micro}", "train.grad_accumulation=1", f"train.global_batch_size={global_batch}",
+            f"train.out_dir={tempfile.gettempdir()}/simflow-bench-engine", *extra]
+
+
+def _measure(tr, it, steps: int, cuda: bool):
+    import torch
+
+    tr.train_step(it)  # warm-up (first ZeRO-3 step also records the parameter trace)
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tr.train_step(it)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _gen_bytes(engine) -> dict:
+    """Bytes of generator state on this rank: parameters, optimizer (fp32 master + moments), EMA."""
+    import torch
+
+    if hasattr(engine, "local_numel"):  # DeepSpeed ZeRO-3
+        params = engine.local_numel() * 4
+        opt = engine.local_optimizer_numel() * 4
+    else:  # LocalEngine: parameters are the fp32 master; AdamW keeps exp_avg and exp_avg_sq
+        params = sum(p.numel() * p.element_size() for p in engine.module.parameters())
+        opt = sum(v.numel() * v.element_size() for s in engine.optimizer.state.values() for v in s.values()
+                  if torch.is_tensor(v) and v.dim() > 0)
+    ema = sum(e.numel() * e.element_size() for e in engine.ema.values())
+    return {"param_bytes": params, "optim_bytes": opt, "ema_bytes": ema}
+
+
+def _worker(rank: int, world: int, port: int, out: str, config: str, data: str, tp: int, global_batch: int,
+            steps: int, engine: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        from simflow.config import load_config
+        from simflow.parallel.factory import build_engine
+        from simflow.parallel.topology import destroy_topology, init_topology
+        from simflow.train.trainer import Trainer
+
+        dp = world // tp
+        cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yaml"),
+                          _overrides(data, global_batch // dp, global_batch,
+                                     [f"parallel.engine={engine}", f"parallel.tp_size={tp}"]))
+        topo = init_topology(cfg)
+        tr = Trainer(cfg, topo, build_engine=build_engine)
+        it = _synthetic(cfg, cfg.train.micro_batch_size, topo.dp_rank * cfg.train.micro_batch_size)
+        step_s = _measure(tr, it, steps, cuda=False)
+        res = {"step_s": step_s, **_gen_bytes(tr.gen)}
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(res, f)
+        destroy_topology(topo)
+    except BaseException:
+        with open(out + f".err{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def cpu_case(config: str, data: str, world: int, tp: int, global_batch: int, steps: int, engine: str) -> dict:
+    import torch.multiprocessing as mp
+
+    from simflow.parallel.topology import free_port
+
+    out = tempfile.mktemp(suffix=".json")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, out, config, data, tp, global_batch, steps, engine))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    while any(p.is_alive() for p in procs):
+        if any(p.exitcode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.5)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    for r in range(world):
+        if os.path.exists(out + f".err{r}"):
+            with open(out + f".err{r}") as f:
+                raise RuntimeError(f"{engine} world={world} rank {r} failed:\n{f.read()}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False) -> dict:
+    """One CUDA process, DeepSpeed engine (DP=1), bf16 autocast: XL joint step time, peak memory, FLOPs, MFU.
+    ``dry_run_cpu`` runs the same code path on CPU in fp32 (to check the script without a GPU)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from simflow.config import load_config
+    from simflow.parallel.factory import build_engine
+    from simflow.parallel.topology import destroy_topology, init_topology
+    from simflow.train.trainer import Trainer
+
+    cuda = torch.cuda.is_available() and not dry_run_cpu
+    if not cuda and not dry_run_cpu:
+        raise SystemExit("--gpu-xl needs CUDA")
+    data = _demo(tempfile.gettempdir())
+    cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yaml"),
+                      _overrides(data, micro, 0, ["parallel.engine=deepspeed", "data.num_workers=0",
+                                                  f"train.precision={'bf16' if cuda else 'fp32'}"]))
+    topo = init_topology(cfg)
+    t0 = time.perf_counter()
+    tr = Trainer(cfg, topo, build_engine=build_engine)
+    build_s = time.perf_counter() - t0
+    it = _synthetic(cfg, micro, 0)
+    tr.train_step(it)  # warm-up
+    counter = FlopCounterMode(display=False)
+    with counter:
+        tr.train_step(it)
+    flops = counter.get_total_flops()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_s = _measure(tr, it, steps, cuda=cuda)
+    res = {
+        "config": config, "micro_batch": micro, "precision": "bf16 autocast" if cuda else "fp32 (CPU dry run)",
+        "build_s": build_s, "step_s": step_s, "img_per_s": micro / step_s,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "flops_per_step": flops, "tflops_per_s": flops / step_s / 1e12, "mfu": flops / step_s / PEAK_BF16_FLOPS,
+        "gen_params": tr.gen.full_numel(), "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
+    destroy_topology(topo)
+    return res
+
+
+def _demo(folder: str) -> str:
+    """A small real demo set (the Trainer's loader needs a file; timed steps use synthetic batches)."""
+    path = os.path.join(folder, "simflow-bench-demo", "demo.npz")
+    if not os.path.isfile(path):
+        from simflow.data.demo import build_demo
+
+        build_demo(os.path.dirname(path), limit=256)
+    return path
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--dps", nargs="+", type=int, default=[1, 2, 4], help="data-parallel sizes for ZeRO-3 (TP=1)")
+    p.add_argument("--tp", type=int, default=1, help="also run TP=tp x DP for each --dps (tp x dp processes)")
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--gpu-xl", type=int, metavar="MICRO_BATCH", help="CUDA: XL step at this micro-batch, JSON out")
+    p.add_argument("--gpu-config", default="xl")
+    p.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.gpu_xl:
+        print(json.dumps(gpu_xl(a.gpu_xl, a.steps, a.gpu_config, a.dry_run_cpu)), flush=True)
+        return 0
+    data = _demo(tempfile.gettempdir())
+    cases = [("local", 1, 1)] + [("deepspeed", dp, 1) for dp in a.dps]
+    if a.tp > 1:
+        cases += [("deepspeed", dp * a.tp, a.tp) for dp in a.dps]
+    rows = []
+    for engine, world, tp in cases:
+        if a.global_batch % (world // tp):
+            print(f"skip {engine} world={world}: global batch {a.global_batch} not divisible by DP", file=sys.stderr)
+            continue
+        t0 = time.time()
+        r = cpu_case(a.config, data, world, tp, a.global_batch, a.steps, engine)
+        r["wall_s"] = time.time() - t0
+        rows.append((engine, world, tp, r))
+        print(f"done {engine} world={world} tp={tp} in {r['wall_s']:.0f}s", file=sys.stderr, flush=True)
+    base = next((r for e, w, t, r in rows if e == "deepspeed" and w == 1), rows[0][3])
+    print(f"\nconfig {a.config}, global batch {a.global_batch}, {os.cpu_count()} CPU cores, generator state per rank")
+    hdr = (f"{'engine':<10}{'procs':>6}{'TP':>4}{'DP':>4}{'micro':>6}{'params MiB':>12}{'optim MiB':>11}"
+           f"{'EMA MiB':>9}{'x DP=1':>8}{'step s':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for engine, world, tp, r in rows:
+        dp = world // tp
+        total = r["param_bytes"] + r["optim_bytes"] + r["ema_bytes"]
+        ratio = total / (base["param_bytes"] + base["optim_bytes"] + base["ema_bytes"])
+        print(f"{engine:<10}{world:>6}{tp:>4}{dp:>4}{a.global_batch // dp:>6}{_mib(r['param_bytes']):>12}"
+              f"{_mib(r['optim_bytes']):>11}{_mib(r['ema_bytes']):>9}{ratio:>8.3f}{r['step_s']:>9.3f}")
+    print("(x DP=1: all generator state of one rank relative to ZeRO-3 at DP=1; ZeRO-3 in fp32 keeps a parameter "
+          "partition and a separate fp32 master partition)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
