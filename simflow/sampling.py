@@ -48,8 +48,8 @@ def sample_images(model, indices: torch.Tensor, labels: torch.Tensor, cfg: Sampl
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) with the ADM convention clamp(127.5 x + 128, 0, 255)
-    (guided-diffusion ``sample.py``; method §9)."""
+    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) as ``uint8(clamp(127.5 x + 128, 0, 255))``, the convention of
+    the DiT / REPA-E ``sample_ddp.py`` scripts whose NPZ files the ADM evaluator scores (method §9)."""
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
