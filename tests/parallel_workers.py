@@ -154,9 +154,11 @@ def tp_flow_checks(cfg, tp_group) -> Dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the real trainer on the DeepSpeed engine
-def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], steps: int) -> None:
+def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], steps: int, bf16_steps: int = 0) -> None:
     """Build the tiny config's Trainer on the DeepSpeed engine, run ``steps`` steps, snapshot the topology-free
-    state, export, sample from the sharded EMA, run one more step. Rank 0 saves everything to ``outdir``."""
+    state, export, sample from the sharded EMA, run one more step; then, if ``bf16_steps``, a second Trainer with
+    ``train.precision=bf16`` (DeepSpeed's torch_autocast path, used on CUDA) in the same process groups. Rank 0
+    saves everything to ``outdir``."""
     from simflow.config import load_config
     from simflow.parallel.factory import build_engine
     from simflow.parallel.topology import destroy_topology, init_topology
@@ -199,6 +201,11 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         model.train()
     res["next_metrics"] = tr.train_step(it)
     res["after_next_export"] = gen.full_state_dict(ema=False)
+    if bf16_steps:
+        tb = Trainer(load_config(TINY, overrides + ["train.precision=bf16"]), topo, build_engine=build_engine)
+        res["bf16_autocast"] = tb.gen._ds.torch_autocast_enabled()
+        itb = iter(tb.loader)
+        res["bf16_metrics"] = [tb.train_step(itb) for _ in range(bf16_steps)]
     if rank == 0:
         torch.save(res, os.path.join(outdir, "result.pt"))
     destroy_topology(topo)

@@ -23,6 +23,7 @@ from simflow.train.trainer import Trainer
 pytestmark = pytest.mark.slow
 
 STEPS = 5
+BF16_STEPS = 3
 GLOBAL_BATCH = 8
 REL = 1e-5
 
@@ -53,11 +54,11 @@ def reference(demo_npz, tmp_path_factory):
     return {"cfg": cfg, "metrics": [tr.train_step(it) for _ in range(STEPS + 1)]}
 
 
-def _launch(world, tp, micro, demo_npz, tmp_path_factory):
+def _launch(world, tp, micro, demo_npz, tmp_path_factory, bf16_steps=0):
     out = str(tmp_path_factory.mktemp(f"w{world}tp{tp}"))
     ov = _overrides(demo_npz, out, "parallel.engine=deepspeed", f"parallel.tp_size={tp}",
                     f"train.micro_batch_size={micro}", f"train.global_batch_size={GLOBAL_BATCH}")
-    spawn(trainer_worker, world, (out, ov, STEPS), errdir=out, timeout=900)
+    spawn(trainer_worker, world, (out, ov, STEPS, bf16_steps), errdir=out, timeout=900)
     res = torch.load(os.path.join(out, "result.pt"), weights_only=False)
     res["cfg"] = load_config(TINY, ov)
     return res
@@ -65,7 +66,7 @@ def _launch(world, tp, micro, demo_npz, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dp2(demo_npz, tmp_path_factory):
-    return _launch(2, 1, GLOBAL_BATCH // 2, demo_npz, tmp_path_factory)
+    return _launch(2, 1, GLOBAL_BATCH // 2, demo_npz, tmp_path_factory, bf16_steps=BF16_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,20 @@ def test_state_resumes_in_one_process(run, reference, request, tmp_path):
         assert _close(m[key], reference["metrics"][STEPS][key]), (key, m[key], reference["metrics"][STEPS][key])
     ema = res["gen_state"]["ema"]
     assert set(ema) == {k for k in res["export"] if k.startswith("flow.")}
+
+
+def test_bf16_autocast_path_tracks_the_local_engine(dp2, reference, tmp_path):
+    """train.precision=bf16 (what CUDA uses by default): DeepSpeed runs its forward under torch_autocast, so the
+    trainer's bf16 autocast is not switched off inside the engine; losses follow the local engine's bf16 run to
+    bf16 accuracy and differ from the fp32 ones."""
+    assert dp2["bf16_autocast"] is True
+    cfg = load_config(TINY, _overrides(dp2["cfg"].data.path, str(tmp_path), f"train.micro_batch_size={GLOBAL_BATCH}",
+                                       "train.precision=bf16"))
+    tr = Trainer(cfg)
+    it = iter(tr.loader)
+    local = [tr.train_step(it) for _ in range(BF16_STEPS)]
+    for step, (a, b) in enumerate(zip(local, dp2["bf16_metrics"])):
+        assert _close(a["loss"], b["loss"], rel=1e-2), (step, a["loss"], b["loss"])
+        assert _close(a["d_loss"], b["d_loss"], rel=2e-2), (step, a["d_loss"], b["d_loss"])
+    fp32 = reference["metrics"]
+    assert any(abs(a["d_loss"] - b["d_loss"]) > 1e-5 for a, b in zip(fp32, dp2["bf16_metrics"]))
