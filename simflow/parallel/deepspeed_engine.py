@@ -261,6 +261,11 @@ class DeepSpeedEngine(Engine):
 
         s = self._sched
         params = [p for p in module.parameters() if p.requires_grad]
+        # optimizer-state order = LocalEngine's (trainable parameters in module order)
+        self._trainable: Dict[str, int] = {}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                self._trainable[name] = len(self._trainable)
         opt = torch.optim.AdamW(
             params, lr=lr_at(0, s["lr"], s["warmup_steps"], s["schedule"], s["total_steps"], s["min_lr"]),
             betas=s["betas"], weight_decay=s["weight_decay"], eps=s["eps"],
@@ -343,9 +348,14 @@ class DeepSpeedEngine(Engine):
     # ------------------------------------------------------------------------------------------------------
     # EMA
     def _local_fp32(self, p: nn.Parameter) -> torch.Tensor:
-        """This rank's partition of the fp32 master weight (flat, length = partition size incl. padding)."""
+        """This rank's partition of the fp32 master weight (flat, length = partition size incl. padding); for a
+        parameter that is not trained (``requires_grad`` off at build, e.g. a frozen VAE) its ZeRO-3 partition."""
         from deepspeed.utils import safe_get_local_fp32_param
 
+        if self._frozen_depth:
+            raise RuntimeError(f"{self.role} engine: weights/state accessed inside frozen()")
+        if self._names[id(p)] not in self._trainable:
+            return p.ds_tensor.data.view(-1).float()
         return safe_get_local_fp32_param(p).view(-1)
 
     @torch.no_grad()
@@ -422,8 +432,8 @@ class DeepSpeedEngine(Engine):
         """Topology-free training state, identical on every rank (collective; all tensors fp32 on CPU):
 
         ``module``: full parameters (TP slices merged) + buffers, keys as in the plain module's ``state_dict``;
-        ``optimizer``: ``torch.optim.AdamW.state_dict()`` layout (state indexed by the order of
-        ``module.parameters()``, full ``exp_avg``/``exp_avg_sq``, scalar ``step``); ``ema``: full EMA tensors;
+        ``optimizer``: ``torch.optim.AdamW.state_dict()`` layout (state indexed by the order of the trainable
+        parameters in ``module.parameters()``, full ``exp_avg``/``exp_avg_sq``, scalar ``step``); ``ema``: full EMA tensors;
         ``steps``: optimizer steps. Same layout as :class:`~simflow.parallel.engine.LocalEngine`.
         """
         from deepspeed.utils import safe_get_local_optimizer_state
@@ -432,9 +442,10 @@ class DeepSpeedEngine(Engine):
         module_sd: Dict[str, torch.Tensor] = {}
         opt_state: Dict[int, Dict[str, torch.Tensor]] = {}
         ema_sd: Dict[str, torch.Tensor] = {}
-        for i, (name, p) in enumerate(self._params.items()):
+        for name, p in self._params.items():
             module_sd[name] = self._gather_full(p, self._local_fp32(p))
-            if have_state:
+            i = self._trainable.get(name)
+            if have_state and i is not None:
                 opt_state[i] = {"step": torch.tensor(float(self.steps))}
                 for k in ADAM_KEYS:
                     opt_state[i][k] = self._gather_full(p, safe_get_local_optimizer_state(p, k).view(-1))
@@ -443,7 +454,7 @@ class DeepSpeedEngine(Engine):
         module_sd.update(self._buffers())
         g = self.optimizer.param_groups[0]
         group = {k: v for k, v in g.items() if k != "params"}
-        group["params"] = list(range(len(self._params)))
+        group["params"] = list(range(len(self._trainable)))
         return {
             "module": module_sd,
             "optimizer": {"state": opt_state, "param_groups": [group]},
@@ -469,10 +480,15 @@ class DeepSpeedEngine(Engine):
         ostate = sd.get("optimizer", {}).get("state", {})
         if ostate:
             self._adam_state()
-        for i, (name, p) in enumerate(self._params.items()):
-            safe_set_local_fp32_param(p, self._local_from_full(p, msd[name], name))
-            self._sync_compute_partition(p)
-            st = ostate.get(i, ostate.get(str(i)))
+        for name, p in self._params.items():
+            local = self._local_from_full(p, msd[name], name)
+            i = self._trainable.get(name)
+            if i is None:  # not trained: only the ZeRO-3 partition exists
+                p.ds_tensor.data.copy_(local[: p.ds_tensor.numel()].view_as(p.ds_tensor).to(p.ds_tensor.dtype))
+            else:
+                safe_set_local_fp32_param(p, local)
+                self._sync_compute_partition(p)
+            st = None if i is None else ostate.get(i, ostate.get(str(i)))
             if st is not None:
                 for k in ADAM_KEYS:
                     safe_set_local_optimizer_state(p, self._local_from_full(p, st[k], f"optimizer.{i}.{k}"), k)
