@@ -201,6 +201,22 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         model.train()
     res["next_metrics"] = tr.train_step(it)
     res["after_next_export"] = gen.full_state_dict(ema=False)
+    res["errors"] = {}
+    try:  # the accumulation protocol is enforced
+        gen.step()
+    except RuntimeError as e:
+        res["errors"]["step_without_backward"] = str(e)
+    bad = dict(res["gen_state"], module=dict(res["gen_state"]["module"]))
+    bad["module"]["flow.blocks.0.proj_in.weight"] = torch.zeros(3, 3)
+    try:
+        gen.load_state_dict(bad)
+    except ValueError as e:
+        res["errors"]["bad_shape"] = str(e)
+    del bad["module"]["flow.blocks.0.proj_in.weight"]
+    try:
+        gen.load_state_dict(bad)
+    except KeyError as e:
+        res["errors"]["missing"] = str(e)
     if bf16_steps:
         tb = Trainer(load_config(TINY, overrides + ["train.precision=bf16"]), topo, build_engine=build_engine)
         res["bf16_autocast"] = tb.gen._ds.torch_autocast_enabled()

@@ -106,6 +106,13 @@ def test_zero3_really_shards(run, request):
     assert len(res["local_numel_all"]) == dp * tp
 
 
+def test_engine_protocol_errors_name_the_problem(dp2):
+    e = dp2["errors"]
+    assert "step() after 0 backward() calls" in e["step_without_backward"]
+    assert "'flow.blocks.0.proj_in.weight' has shape [3, 3]" in e["bad_shape"]
+    assert "flow.blocks.0.proj_in.weight" in e["missing"]
+
+
 def test_tensor_parallel_flow_equals_dense(tp2dp2):
     """TP=2 forward/backward of the real flow equal TP=1 (1e-5), the same initial weights, and KV-cached CFG
     sampling at TP=2 equal to TP=1."""

@@ -35,18 +35,23 @@ How the trainer calls it (the two-engine GAN step, method §5.4)::
 ``full_params``, ``full_state_dict``, ``state_dict`` and ``load_state_dict`` are **collective**: every rank must call
 them (only the main rank writes files). Sampling with TP needs all TP ranks anyway.
 
-ZeRO-3 rule for model code: a parameter is materialised only inside the ``forward`` of the module that owns it.
-Modules that own parameters but define no ``forward`` of their own (e.g. a flow block whose ``pos_emb`` is read
-by its parent's forward) are handled automatically: their parameters are registered as external parameters of the
-nearest ancestor that has a ``forward``. Code that reads a parameter outside any forward (e.g. an adaptive GAN
-weight computed with ``autograd.grad`` w.r.t. the decoder's last layer) must do so inside :meth:`full_params`.
+Rules for model code under ZeRO-3 (the tests build the real SimFlow model this way):
+
+* a parameter is materialised only inside the ``forward`` of the module that owns it. Modules that own
+  parameters but define no ``forward`` (a flow block whose ``pos_emb``/``sos`` its parent reads) are handled: their
+  parameters are registered as external parameters of the nearest ancestor that has a ``forward``
+  (:func:`register_orphan_parameters`). A parameter read outside every forward during training (e.g. an adaptive GAN
+  weight from ``autograd.grad`` w.r.t. the decoder's last layer) is an empty tensor: not supported;
+* a parent may re-initialise a child's parameters only through ``torch.nn.init`` (handled by
+  :func:`init_on_gathered_params`, which keeps the RNG stream identical to a plain build);
+* parameters with ``requires_grad`` off at build time (``train.freeze_vae``) are partitioned but not optimised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,14 +61,7 @@ from simflow.config import SimFlowConfig, global_batch_size
 from simflow.parallel.engine import Engine, lr_at
 from simflow.parallel.factory import optimizer_settings
 from simflow.parallel.mpu import MegatronMPU
-from simflow.parallel.tensor_parallel import (
-    ColumnParallelDense,
-    RowParallelDense,
-    TensorParallelLinearFactory,
-    tp_partition_dim,
-)
-
-log = logging.getLogger("simflow")
+from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -385,14 +383,23 @@ class DeepSpeedEngine(Engine):
             t = torch.cat(slices, dim=dim)
         return t.detach().cpu().clone()
 
-    def _local_from_full(self, p: nn.Parameter, full: torch.Tensor, name: str) -> torch.Tensor:
-        """This rank's flat ZeRO-3 partition (fp32, padded with zeros) of a full tensor; checks the shape."""
+    def _full_shape(self, p: nn.Parameter) -> List[int]:
+        """Shape of ``p`` in the plain (TP=1) model."""
         dim = tp_partition_dim(p)
         want = list(p.ds_shape)
         if dim is not None and self.tp_size > 1:
             want[dim] *= self.tp_size
+        return want
+
+    def _check_shape(self, p: nn.Parameter, full: torch.Tensor, name: str) -> None:
+        want = self._full_shape(p)
         if list(full.shape) != want:
             raise ValueError(f"{self.role} state: {name!r} has shape {list(full.shape)}, this model needs {want}")
+
+    def _local_from_full(self, p: nn.Parameter, full: torch.Tensor, name: str) -> torch.Tensor:
+        """This rank's flat ZeRO-3 partition (fp32, padded with zeros) of a full tensor; checks the shape."""
+        self._check_shape(p, full, name)
+        dim = tp_partition_dim(p)
         t = full
         if dim is not None and self.tp_size > 1:
             t = t.chunk(self.tp_size, dim=dim)[self.tp_rank]
@@ -478,6 +485,20 @@ class DeepSpeedEngine(Engine):
         if missing or extra:
             raise KeyError(f"{self.role} state: missing parameters {missing[:5]}, unexpected keys {extra[:5]}")
         ostate = sd.get("optimizer", {}).get("state", {})
+        ema_sd = sd.get("ema", {})
+        for k in ema_sd:
+            if k not in self.ema:
+                raise KeyError(f"{self.role} state: checkpoint has an EMA entry {k!r} that this model does not track")
+        for name, p in self._params.items():  # check everything before changing anything
+            self._check_shape(p, msd[name], name)
+            if name in self.ema:
+                if name not in ema_sd:
+                    raise KeyError(f"{self.role} state: no EMA entry for {name!r}")
+                self._check_shape(p, ema_sd[name], f"ema.{name}")
+            i = self._trainable.get(name)
+            st = None if i is None else ostate.get(i, ostate.get(str(i)))
+            for k in ADAM_KEYS if st is not None else ():
+                self._check_shape(p, st[k], f"optimizer.state.{i}.{k} ({name})")
         if ostate:
             self._adam_state()
         for name, p in self._params.items():
@@ -492,13 +513,12 @@ class DeepSpeedEngine(Engine):
             if st is not None:
                 for k in ADAM_KEYS:
                     safe_set_local_optimizer_state(p, self._local_from_full(p, st[k], f"optimizer.{i}.{k}"), k)
+            elif i is not None and ostate:  # torch's AdamW has no state for a parameter that never had a gradient
+                zeros = torch.zeros(int(p.ds_tensor.ds_numel), dtype=torch.float32, device=self.device)
+                for k in ADAM_KEYS:
+                    safe_set_local_optimizer_state(p, zeros, k)
             if name in self.ema:
-                if name not in sd.get("ema", {}):
-                    raise KeyError(f"{self.role} state: no EMA entry for {name!r}")
-                self.ema[name].copy_(self._local_from_full(p, sd["ema"][name], f"ema.{name}"))
-        for k, e in sd.get("ema", {}).items():
-            if k not in self.ema:
-                raise KeyError(f"{self.role} state: checkpoint has an EMA entry {k!r} that this model does not track")
+                self.ema[name].copy_(self._local_from_full(p, ema_sd[name], f"ema.{name}"))
         for k, b in self.inner.named_buffers():
             if k in msd and b is not None:
                 b.copy_(msd[k].to(b.device, b.dtype))
