@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -205,11 +206,29 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints and fault tolerance (``simflow.checkpoint``, ``simflow.train.signals``; README "Checkpoints and
+    fault tolerance").
+
+    ``dir``: local/shared path or ``s3://bucket/prefix``. A save happens every ``every_steps`` steps, every
+    ``every_minutes`` minutes of wall-clock (0 disables either), at the end, and when a stop signal arrives; the
+    newest ``keep`` (>= 2) committed steps are kept. ``signals`` only set a flag; all ranks then save the same step
+    and exit with status 75. ``watchdog_s``: a rank that finishes no step (or checkpoint) for this long exits with
+    status 70 (0 disables). ``lock``: one live job per checkpoint directory (rank 0 holds ``run.lock``, heartbeat
+    every ``lock_heartbeat_s``; stale after ``lock_stale_s``; a new job waits up to ``lock_wait_s`` for a live
+    lock to go stale before failing).
+    """
+
     dir: Optional[str] = None  # default: <train.out_dir>/checkpoints
     every_steps: int = 5000
     every_minutes: float = 0.0
     keep: int = 2
     resume: bool = True
+    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    watchdog_s: float = 1800.0
+    lock: bool = True
+    lock_heartbeat_s: float = 30.0
+    lock_stale_s: float = 300.0
+    lock_wait_s: float = 0.0
 
 
 @dataclass
@@ -353,8 +372,19 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("data.timeout_s", "must be > 0")
     if cfg.data.io_threads < 1:
         bad("data.io_threads", "must be >= 1")
-    if cfg.checkpoint.keep < 1:
-        bad("checkpoint.keep", "must be >= 1")
+    ck = cfg.checkpoint
+    if ck.keep < 2:
+        bad("checkpoint.keep", "must be >= 2 (the previous step stays loadable if the newest turns out corrupt)")
+    for key in ("checkpoint.every_steps", "checkpoint.every_minutes", "checkpoint.watchdog_s", "checkpoint.lock_wait_s"):
+        if _get(cfg, key) < 0:
+            bad(key, "must be >= 0 (0 disables)")
+    if ck.lock_heartbeat_s <= 0:
+        bad("checkpoint.lock_heartbeat_s", "must be > 0")
+    if ck.lock_stale_s <= ck.lock_heartbeat_s:
+        bad("checkpoint.lock_stale_s", f"must exceed checkpoint.lock_heartbeat_s={ck.lock_heartbeat_s}")
+    for name in ck.signals:
+        if not isinstance(getattr(signal, str(name), None), signal.Signals):
+            bad("checkpoint.signals", f"{name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     for key in ("sample.batch_size", "sample.num_samples", "sample.range_size"):
         if _get(cfg, key) < 1:
             bad(key, "must be >= 1")

@@ -23,14 +23,16 @@ import random
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from simflow.checkpoint.store import CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from simflow.checkpoint.lock import RunLock, RunLockError, ensure_run_id
+from simflow.checkpoint.store import (CheckpointError, Group, find_latest_with_report, load_checkpoint,
+                                      load_rank_state, save_parallel)
 from simflow.config import SimFlowConfig, from_dict, to_dict
 from simflow.losses.joint import discriminator_loss, generator_loss, nll_lower_bound
 from simflow.models.discriminator import NLayerDiscriminator
@@ -38,6 +40,7 @@ from simflow.models.simflow import SimFlowModel
 from simflow.parallel.engine import Engine, LocalEngine
 from simflow.sampling import sample_images, save_grid
 from simflow.train.metrics import MetricsLogger, plot_loss_curve
+from simflow.train.signals import RequeueExit, StepBoundary, Watchdog
 from simflow.train.noise import STREAM_POSTERIOR, drop_labels, per_sample_normal
 
 log = logging.getLogger("simflow")
@@ -152,6 +155,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.out_dir, cfg.logging.wandb, cfg.logging.project, self.run_id,
                                      to_dict(cfg), enabled=self.topo.is_main)
         self.history: List[Dict[str, float]] = []
+        self._saved_step = -1  # step of the last checkpoint this process saved or resumed from
+        self.resume_report: Dict[str, Any] = {"loaded": None, "skipped": []}
         self._bound = nll_lower_bound(cfg.model.vae.posterior_std) if cfg.model.vae.posterior == "fixed" else None
         self._warned_bound = False
 
@@ -161,47 +166,102 @@ class Trainer:
         return self.gen.module
 
     def state_parts(self) -> Dict[str, Any]:
+        """The shared, topology-free training state, identical on every rank (collective for sharded engines):
+        engine states (full weights, AdamW moments and step -> LR schedule, EMA), the loader position
+        (``consumed_samples``) and trainer counters. Per-rank RNG states are saved beside it (:func:`rng_state`)."""
         parts = {
             "generator": self.gen.state_dict(),
             "loader": self.loader.state_dict(),
             "trainer": {"step": self.step},
-            f"rng_rank{self.topo.rank}": rng_state(),
         }
         if self.disc is not None:
             parts["discriminator"] = self.disc.state_dict()
         return parts
 
     def save(self) -> str:
+        """Collective: every rank writes its share of step ``self.step`` and its RNG state in parallel; rank 0
+        commits the manifest and marker after all finished (:func:`simflow.checkpoint.store.save_parallel`)."""
+        rng = rng_state()
         meta = {"run_id": self.run_id, "config": to_dict(self.cfg), "code_version": code_version(),
-                "world_size": self.topo.world_size}
-        d = save_checkpoint(self.ckpt_dir, self.step, self.state_parts(), meta, keep=self.cfg.checkpoint.keep)
-        log.info("saved checkpoint %s", d)
+                "topology": {"world_size": self.topo.world_size, "tp_size": self.topo.tp_size,
+                             "dp_size": self.topo.dp_size},
+                "precision": str(self.dtype).replace("torch.", ""),
+                "loss_scale": "none (fp32 master weights, fp32 or bf16 compute: no dynamic loss scaling)"}
+        t0 = time.perf_counter()
+        d = save_parallel(self.ckpt_dir, self.step, self.state_parts(), meta, rank_state=rng,
+                          keep=self.cfg.checkpoint.keep)
+        self._saved_step = self.step
+        if self.topo.is_main:
+            log.info("saved checkpoint %s (%.2f s)", d, time.perf_counter() - t0)
         return d
 
     def maybe_resume(self) -> bool:
-        """Load the newest valid checkpoint of this run, if any. Raises CheckpointError for another run id or an
-        architecture change."""
+        """Load the newest valid checkpoint of this run, if any (collective; any TP/DP: the engines reshard).
+
+        Rank 0 finds it (newer partial or corrupt steps are skipped, and each is reported with the reason) and tells
+        the other ranks; every rank then reads the shared state (each file checked against the manifest's sha256)
+        and its own RNG state. ``self.resume_report`` holds ``{"loaded": location or None, "skipped": [(location,
+        reason), ...]}``.
+
+        Raises:
+            CheckpointError: the checkpoint belongs to another run id, or its config has another architecture.
+        """
+        self.resume_report: Dict[str, Any] = {"loaded": None, "skipped": []}
         if not self.cfg.checkpoint.resume:
             return False
-        d = find_latest(self.ckpt_dir)
-        if d is None:
+        group = Group()
+        found, skipped = find_latest_with_report(self.ckpt_dir) if group.rank == 0 else (None, [])
+        found, skipped = group.broadcast((found, skipped))
+        self.resume_report = {"loaded": found, "skipped": skipped}
+        if self.topo.is_main:
+            for d, why in skipped:
+                log.warning("skipping checkpoint %s: %s", d, why)
+        if found is None:
             return False
-        parts, manifest = load_checkpoint(d)
-        if manifest.get("run_id") != self.run_id:
-            raise CheckpointError(f"{d} belongs to run {manifest.get('run_id')!r}, this run is {self.run_id!r}")
-        stored = from_dict(manifest["config"])
-        if to_dict(stored)["model"] != to_dict(self.cfg)["model"]:
-            raise CheckpointError(f"{d}: the config's model section differs from the checkpoint's (architecture change)")
+        parts, manifest = load_checkpoint(found, verify_all=False)
+        check_compatible(manifest, self.run_id, self.cfg, found)
         self.gen.load_state_dict(parts["generator"])
         if self.disc is not None:
             self.disc.load_state_dict(parts["discriminator"])
         self.loader.load_state_dict(parts["loader"])
-        self.step = int(parts["trainer"]["step"])
-        key = f"rng_rank{self.topo.rank}"
-        if key in parts:
-            set_rng_state(parts[key])
-        log.info("resumed from %s at step %d", d, self.step)
+        self.step = self._saved_step = int(parts["trainer"]["step"])
+        rng, exact = load_rank_state(found, manifest, self.topo.rank, self.topo.world_size)
+        if rng is not None:
+            set_rng_state(rng)
+        if self.topo.is_main:
+            log.info("resumed from %s at step %d (saved at world size %s, now %d%s)", found, self.step,
+                     manifest.get("world_size"), self.topo.world_size, "" if exact else "; RNG states remapped")
         return True
+
+    @contextlib.contextmanager
+    def _run_guard(self, boundary: StepBoundary) -> Iterator[Watchdog]:
+        """For the duration of :meth:`fit`: the run-id check and run lock (rank 0; every rank raises the same error
+        if either fails), the stop-signal handlers and the watchdog. All undone on any exit."""
+        group = Group()
+        lock, err = None, None
+        if group.rank == 0:
+            try:
+                ensure_run_id(self.ckpt_dir, self.run_id)
+                if self.cfg.checkpoint.lock:
+                    c = self.cfg.checkpoint
+                    lock = RunLock(self.ckpt_dir, self.run_id, c.lock_heartbeat_s, c.lock_stale_s,
+                                   c.lock_wait_s).acquire()
+            except CheckpointError as e:
+                err = (isinstance(e, RunLockError), str(e))
+        err = group.broadcast(err)
+        if err is not None:
+            raise (RunLockError if err[0] else CheckpointError)(err[1])
+        installed = boundary.flag.install()
+        watchdog = Watchdog(self.cfg.checkpoint.watchdog_s).start()
+        try:
+            yield watchdog
+        finally:
+            watchdog.stop()
+            if installed:
+                boundary.flag.uninstall()
+            if lock is not None:
+                lock.release()
+            self.metrics.close()
 
     # ------------------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -271,62 +331,112 @@ class Trainer:
         num_classes = self.cfg.model.flow.num_classes
         idx = torch.arange(n)
         labels = idx % num_classes
-        with self.gen.full_params(ema=True) as model:
+        with self.gen.full_params(ema=True) as model:  # collective for sharded engines: every rank samples
             was_training = model.training
             model.eval()
             x = sample_images(model, idx, labels, self.cfg.sample, self.device, self.dtype)
             model.train(was_training)
+        if not self.topo.is_main:
+            return path
         return save_grid(x, path, nrow=num_classes if num_classes <= n else None)  # one column per class
 
     def export(self, path: str) -> str:
         """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling."""
         from safetensors.torch import save_file
 
-        sd = self.gen.full_state_dict(ema=True)
+        sd = self.gen.full_state_dict(ema=True)  # collective for sharded engines; rank 0 writes
+        if not self.topo.is_main:
+            return path
         save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"run_id": self.run_id,
                                                                              "step": str(self.step)})
         return path
 
     # ------------------------------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
-        """Run to ``train.steps``; saves checkpoints, logs metrics, writes sample grids, loss curve and weights."""
+        """Run to ``train.steps`` (README "Checkpoints and fault tolerance"): take the run lock, resume from the
+        newest valid checkpoint, train; save every ``checkpoint.every_steps`` steps, every ``every_minutes`` minutes
+        and at the end; on SIGTERM/SIGUSR1 (flags voted at the step boundary) every rank saves the same step and
+        exits with ``REQUEUE_EXIT_CODE`` (:class:`~simflow.train.signals.RequeueExit`). Writes sample grids, the
+        loss curve and exported weights."""
         cfg = self.cfg
-        self.maybe_resume()
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.gen.module.train()
-        data_iter = iter(self.loader)
-        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not self.topo.is_main,
-                   dynamic_ncols=True)
-        last_save = time.monotonic()
-        m: Dict[str, float] = {}
-        while self.step < cfg.train.steps:
-            m = self.train_step(data_iter)
-            self.history.append({"step": self.step, **m})
-            if self._bound is not None and m["nll"] < self._bound and not self._warned_bound:
-                log.warning("flow NLL %.4f nats/dim is below the bound %.4f for posterior_std=%g: causal leakage or "
-                            "a log-det bug (method §4.4)", m["nll"], self._bound, cfg.model.vae.posterior_std)
-                self._warned_bound = True
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                self.metrics.log(self.step, m)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", bpd=f"{m['bits_per_dim']:.3f}", rec=f"{m['rec']:.3f}")
-            bar.update(1)
-            if self.topo.is_main and cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
-                self.sample_grid(os.path.join(self.out_dir, f"samples_step{self.step:07d}.png"))
-                plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png"))
-            due_minutes = cfg.checkpoint.every_minutes and time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes
-            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or due_minutes:
+        vote_device = self.device if getattr(self.topo, "backend", None) == "nccl" else torch.device("cpu")
+        boundary = StepBoundary(cfg.checkpoint.every_minutes, cfg.checkpoint.signals, vote_device)
+        with self._run_guard(boundary) as watchdog:
+            watchdog.beat("resume")
+            self.maybe_resume()
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.gen.module.train()
+            data_iter = iter(self.loader)
+            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not self.topo.is_main,
+                       dynamic_ncols=True)
+            m: Dict[str, float] = {}
+            while self.step < cfg.train.steps:
+                watchdog.beat("train step")
+                m = self.train_step(data_iter)
+                self.history.append({"step": self.step, **m})
+                if self._bound is not None and m["nll"] < self._bound and not self._warned_bound:
+                    log.warning("flow NLL %.4f nats/dim is below the bound %.4f for posterior_std=%g: causal leakage "
+                                "or a log-det bug (method §4.4)", m["nll"], self._bound, cfg.model.vae.posterior_std)
+                    self._warned_bound = True
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    self.metrics.log(self.step, m)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", bpd=f"{m['bits_per_dim']:.3f}", rec=f"{m['rec']:.3f}")
+                bar.update(1)
+                if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                    watchdog.beat("sample grid")
+                    self.sample_grid(os.path.join(self.out_dir, f"samples_step{self.step:07d}.png"))
+                    if self.topo.is_main:
+                        plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png"))
+                watchdog.beat("step boundary vote")
+                stop, time_due = boundary.vote()  # one all-reduce(MAX): any rank's signal or timer counts
+                if stop or time_due or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
+                    watchdog.beat("checkpoint save")
+                    self.save()
+                    boundary.saved()
+                if stop:
+                    bar.close()
+                    if self.topo.is_main:
+                        log.warning("stop signal (%s on this rank): saved step %d on every rank; exiting with the "
+                                    "requeue status", boundary.flag.received or "received by another rank", self.step)
+                    raise RequeueExit(self.step)
+            bar.close()
+            out = {"step": self.step, "metrics": m}
+            if self._saved_step != self.step:
+                watchdog.beat("final checkpoint save")
                 self.save()
-                last_save = time.monotonic()
-        bar.close()
-        out = {"step": self.step, "metrics": m}
-        if not os.path.isdir(os.path.join(self.ckpt_dir, f"step-{self.step:07d}")):
-            self.save()
-        if self.topo.is_main:
-            out["samples"] = self.sample_grid(os.path.join(self.out_dir, "samples.png"))
-            out["loss_curve"] = plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png"))
-            out["weights"] = self.export(os.path.join(self.out_dir, "weights.safetensors"))
-        self.metrics.close()
+            watchdog.beat("final samples and export")
+            samples = self.sample_grid(os.path.join(self.out_dir, "samples.png"))  # collective: every rank
+            weights = self.export(os.path.join(self.out_dir, "weights.safetensors"))
+            if self.topo.is_main:
+                out.update(samples=samples, weights=weights,
+                           loss_curve=plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png")))
         return out
+
+
+def check_compatible(manifest: Dict[str, Any], run_id: str, cfg: SimFlowConfig, where: str) -> None:
+    """Refuse a checkpoint of another run, or one whose ``model`` config differs (architecture change).
+
+    Raises:
+        CheckpointError: naming the checkpoint, both run ids, or the differing ``model.*`` keys with both values.
+    """
+    if manifest.get("run_id") != run_id:
+        raise CheckpointError(f"{where} belongs to run {manifest.get('run_id')!r}, but this job is run {run_id!r} "
+                              f"(train.run_id); refusing to load another run's checkpoint")
+    stored = to_dict(from_dict(manifest["config"]))["model"]
+    now = to_dict(cfg)["model"]
+    diffs: List[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}")
+        elif a != b:
+            diffs.append(f"{key}: checkpoint {a!r}, config {b!r}")
+
+    walk(stored, now, "model")
+    if diffs:
+        raise CheckpointError(f"{where}: the config changes the architecture ({'; '.join(diffs)}); a run cannot "
+                              f"resume into another model (start a new run directory instead)")
 
 
 def _build_local_engine(cfg: SimFlowConfig, build_module, role: str, ema_prefixes, topology: Topology) -> Engine:
