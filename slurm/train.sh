@@ -13,7 +13,8 @@
 #                                   port from the job id), the run directory (keyed by the job id, so a requeued job
 #                                   resumes the same run), starts one task per node with srun, relays SIGUSR1/SIGTERM
 #                                   to the step, and after the step ends reads the trainers' exit codes: 0 -> done,
-#                                   75 (simflow.train.signals.REQUEUE_EXIT_CODE) -> `scontrol requeue`, else failed.
+#                                   75 (simflow.train.signals.REQUEUE_EXIT_CODE) -> `scontrol requeue` (unless the
+#                                   stop was a SIGTERM, i.e. Slurm cancelling the job), else failed.
 #   --node                          one per node (srun task): `torchrun --nnodes=MIN:MAX --rdzv-backend=c10d
 #                                   --max-restarts=K` with the c10d store on the first node. When a node dies, the
 #                                   surviving agents restart their workers, which resume from the newest checkpoint
@@ -202,6 +203,7 @@ role_batch() {
   srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=0 --no-kill \
     bash "$SIMFLOW_ROOT/slurm/train.sh" --node "$@" &
   SRUN_PID=$!
+  [[ -n $STOP_SIGNAL ]] && relay_stop "$STOP_SIGNAL"   # the signal came before srun existed
   local rc
   while :; do
     wait "$SRUN_PID"; rc=$?
@@ -217,6 +219,12 @@ role_batch() {
     exit 0
   fi
   if grep -qx "$REQUEUE_EXIT_CODE" "$SIMFLOW_EXIT_DIR"/* 2>/dev/null; then
+    if [[ $STOP_SIGNAL == TERM ]]; then
+      # SIGTERM to the batch shell means Slurm is ending the job (scancel, time limit, pre-emption; a pre-emption
+      # in REQUEUE mode requeues it by itself): do not turn a cancellation into a requeue.
+      log "result: stopped by SIGTERM with a checkpoint saved; resubmit with SIMFLOW_RUN_DIR=$SIMFLOW_RUN_DIR to resume"
+      exit "$REQUEUE_EXIT_CODE"
+    fi
     if (( restart >= ${SIMFLOW_MAX_REQUEUES:-50} )); then
       log "result: requeue wanted but the job already restarted $restart times (SIMFLOW_MAX_REQUEUES); resubmit with SIMFLOW_RUN_DIR=$SIMFLOW_RUN_DIR"
       exit "$REQUEUE_EXIT_CODE"

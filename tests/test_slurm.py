@@ -34,11 +34,12 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
+from simflow.train.signals import REQUEUE_EXIT_CODE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_DIR = os.path.join(ROOT, "slurm")
 SHARED_SLURM = os.path.normpath(os.path.join(ROOT, "..", "shared", "slurm"))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-REQUEUE_EXIT_CODE = 75  # simflow.train.signals.REQUEUE_EXIT_CODE, what slurm/train.sh requeues on
 
 STEPS = 16
 # sbatch options that fit the scripts' requests to the CPU test cluster (n1, n2: 8 CPUs, 4 GB, no GPUs each)
@@ -82,6 +83,12 @@ def test_xl_recipe_requests():
     assert cfg.train.global_batch_size == cfg.train.micro_batch_size * cfg.train.grad_accumulation * 2 * 8
     s = _sbatch_options(os.path.join(SLURM_DIR, "sample_fid50k.sh"))
     assert re.fullmatch(r"\d+-\d+", s["array"]) and "requeue" in s
+
+
+def test_train_script_requeues_on_the_trainers_code():
+    """The batch shell's requeue status is the one the trainer exits with after a stop signal."""
+    m = re.search(r"^REQUEUE_EXIT_CODE=(\d+)", open(os.path.join(SLURM_DIR, "train.sh")).read(), re.M)
+    assert m and int(m.group(1)) == REQUEUE_EXIT_CODE
 
 
 @pytest.mark.parametrize("name, args", [("train.sh", ["configs/tiny.yaml"]), ("train_xl.sh", []),
