@@ -51,13 +51,18 @@ class SimFlowModel(nn.Module):
     def null_class(self) -> int:
         return self.flow.num_classes
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, latent_noise: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
         """One joint training pass.
 
         Args:
             x: images (B, 3, H, W) float in [-1, 1].
             y: labels (B,) int64, already label-dropped (null class = ``num_classes``).
             eps: posterior noise (B, C_lat, h, w) ~ N(0, I), drawn per sample by the caller.
+            latent_noise: extra noise (B, C_lat, h, w) ~ N(0, I), required when ``model.flow.noise_std > 0``:
+                ``z <- z + noise_std * latent_noise`` (STARFlow-style noise augmentation, method §5.5 / §10.3);
+                the flow and the decoder both see the noisy ``z``. Ignored when ``noise_std == 0``.
         Returns:
             dict with ``mu``, ``logvar`` (None in fixed mode), ``z`` (B, C_lat, h, w), ``x_hat`` (B, 3, H, W),
             ``flow_z`` (B, T, C) float32, ``log_det`` (B,) nats, ``nll`` (B,) L_NF in nats/dim without the
@@ -65,6 +70,13 @@ class SimFlowModel(nn.Module):
         """
         mu, logvar = self.vae.encode(x)
         z = self.vae.reparameterize(mu, logvar, eps)
+        noise_std = self.cfg.model.flow.noise_std
+        if noise_std > 0:
+            if latent_noise is None or latent_noise.shape != z.shape:
+                got = None if latent_noise is None else tuple(latent_noise.shape)
+                raise ValueError(f"model.flow.noise_std={noise_std}: forward needs latent_noise of shape "
+                                 f"{tuple(z.shape)}; got {got}")
+            z = z + noise_std * latent_noise.to(z.dtype)
         x_hat = self.vae.decode(z)
         hidden_layer = self.cfg.loss.repa.layer if self.repa_projector is not None else None
         flow_z, log_det, aux = self.flow(z, y, hidden_layer=hidden_layer)

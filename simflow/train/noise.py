@@ -16,6 +16,7 @@ STREAM_POSTERIOR = 1
 STREAM_LABEL_DROP = 2
 STREAM_SAMPLE_NOISE = 3
 STREAM_SAMPLE_LABEL = 4
+STREAM_LATENT_NOISE = 5  # extra STARFlow-style latent noise (model.flow.noise_std)
 
 _MASK64 = (1 << 64) - 1
 
