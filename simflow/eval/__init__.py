@@ -7,3 +7,7 @@ CLI), :mod:`~simflow.eval.reference` (writing reference statistics), :mod:`~simf
 sharded, resumable sample sets behind ``python -m simflow.sample``), :mod:`~simflow.eval.weights` (generator weights
 from an export or a checkpoint), :mod:`~simflow.eval.reconstruction` (VAE PSNR and rFID).
 """
+
+# Registers the demo-FID network (issue 8) as feature extractor "demo" / "demo_fashion_cnn", so that
+# `python -m simflow.fid --extractor demo` and `tools/fid_ref.py --extractor demo` find it.
+from simflow.eval import demo_features as _demo_features  # noqa: E402,F401
