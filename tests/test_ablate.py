@@ -221,6 +221,7 @@ def test_ablate_smoke_end_to_end(demo, small_feature_net, tmp_path):
     assert "python tools/ablate.py --budget 2" in text and "commit: `" in text
     assert "not Inception FID" in text.replace("**", "") and "| a |" in text and "| d |" in text
     assert "Paper ordering a (E2E fixed var) < c (E2E noise) < d (frozen VAE)" in text
+    assert "Floor (no model): the first 20 real training images" in text
     assert png.stat().st_size > 10_000
     stamp = {p: p.stat().st_mtime for p in out.glob("*/seed*/result.json")}
     t0 = time.time()

@@ -15,9 +15,11 @@ additionally pretrains its VAE for the same number of steps). Variants (``config
 
 Each (variant, seed) runs in its own process (``--jobs`` at a time, ``--threads`` torch threads each), writes
 ``<out>/<variant>/seed<k>/result.json`` and is skipped when that file exists, so an interrupted study resumes.
-After the first seed of everything, the ``--top`` best main variants (demo-gFID without CFG) get the extra
-``--extra-seeds``. The table and plot go to ``--md`` / ``--png`` (default ``docs/ablation.md``, ``docs/ablation.png``)
-after every phase, together with the exact command, seeds and commit.
+Order of work: the main variants a-d, then -- as soon as their first seed is done -- the extra ``--extra-seeds`` of
+the ``--top`` best (demo-gFID without CFG), then the posterior_std sweep (which also fills idle workers while the
+main variants finish). ``--deadline-min`` stops starting new tasks. The table and plot go to ``--md`` / ``--png``
+(default ``docs/ablation.md``, ``docs/ablation.png``) after every finished task, with the exact command, seeds and
+commit.
 
 Needs the demo data (``tools/make_demo_data.py``; built into ``data/demo`` when missing) and the demo-FID network
 (``tools/train_feature_net.py``, default ``weights/demo_fid/fashion_cnn.safetensors``).
@@ -145,6 +147,16 @@ def main(argv=None) -> int:
     extractor = DemoFashionFeatures(args.extractor_weights).describe()
     with np.load(reference) as z:
         num_reference = int(z["num_images"])
+        ref_arrays = {k: z[k] for k in ("mu", "sigma", "pool_features") if k in z.files}
+    # The floor: real training images scored like samples (same count), i.e. what a perfect generator would get.
+    from simflow.data.demo import load_npz
+    from simflow.eval.ablation import score_samples
+
+    real = load_npz(args.train_npz)
+    real_floor = score_samples(real["images"][: args.num_samples], DemoFashionFeatures(args.extractor_weights),
+                               ref_arrays["mu"], ref_arrays["sigma"], ref_arrays.get("pool_features"),
+                               labels=real["labels"][: args.num_samples])
+    del real
     extractor["weights"] = os.path.relpath(extractor["weights"], ROOT) if extractor["weights"].startswith(ROOT) \
         else extractor["weights"]
 
@@ -160,43 +172,59 @@ def main(argv=None) -> int:
     results, missing = [], []
     ctx = mp.get_context("spawn")
 
-    def run_phase(tasks):
-        tasks = sorted(tasks, key=lambda t: t["variant"]["pretrain"] is None)  # two-stage tasks first
-        todo, done = [], []
-        for t in tasks:
-            if os.path.isfile(os.path.join(t["out_dir"], RESULT_JSON)):
-                done.append(run_task(t))  # read from disk
+    def label(t):
+        return f"{t['variant']['name']} seed {t['seed']}"
+
+    def run_all(first, later):
+        """One pool, one queue: the main variants (two-stage ones first), then the sweep; as soon as every main
+        variant's first seed is done, the extra seeds of the --top best go to the front of the queue. A task whose
+        result.json exists is read from disk instead of run."""
+        pending = sorted(first, key=lambda t: t["variant"]["pretrain"] is None) + list(later)
+        main_left = {label(t) for t in first}
+        seeds_queued = not (extra_seeds and args.top > 0)
+        by_name = {v.name: v for v in plan}
+
+        def finished(t, r=None, error=None):
+            nonlocal seeds_queued, pending
+            if r is not None:
+                results.append(r)
+                print(f"[{(time.time() - t0) / 60:.1f} min] {label(t)}: demo-gFID {r['gfid_no_cfg']:.2f} / CFG "
+                      f"{r['gfid_best_cfg']:.2f}, PSNR {r['reconstruction']['psnr']:.2f}, "
+                      f"train {r['train_seconds']:.0f}s", flush=True)
             else:
-                todo.append(t)
-        if todo:
-            with cf.ProcessPoolExecutor(max_workers=min(args.jobs, len(todo)), mp_context=ctx) as pool:
-                futures = {}
-                pending = list(todo)
-                while pending or futures:
-                    while pending and len(futures) < args.jobs:
-                        t = pending.pop(0)
-                        if args.deadline_min and time.time() - t0 > 60 * args.deadline_min:
-                            missing.append(f"{t['variant']['name']} seed {t['seed']}: not started (deadline "
-                                           f"{args.deadline_min:g} min reached)")
-                            continue
+                missing.append(f"{label(t)}: failed: {error}")
+                print(f"task {label(t)} failed: {error}", file=sys.stderr, flush=True)
+            main_left.discard(label(t))
+            if not main_left and not seeds_queued:
+                ranked = sorted((x for x in results if x["group"] == "main" and x["seed"] == args.seed),
+                                key=lambda x: x["gfid_no_cfg"])
+                extra = [task(by_name[x["variant"]], s) for x in ranked[: args.top] for s in extra_seeds]
+                pending = sorted(extra, key=lambda t: t["variant"]["pretrain"] is None) + pending
+                seeds_queued = True
+            report()
+
+        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            futures = {}
+            while pending or futures:
+                while pending and len(futures) < args.jobs:
+                    t = pending.pop(0)
+                    if os.path.isfile(os.path.join(t["out_dir"], RESULT_JSON)):
+                        finished(t, run_task(t))  # read from disk
+                    elif args.deadline_min and time.time() - t0 > 60 * args.deadline_min:
+                        missing.append(f"{label(t)}: not started (deadline {args.deadline_min:g} min reached)")
+                    else:
                         futures[pool.submit(run_task, t)] = t
-                    if not futures:
-                        break
-                    finished, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
-                    for f in finished:
-                        t = futures.pop(f)
-                        try:
-                            r = f.result()
-                            done.append(r)
-                            print(f"[{(time.time() - t0) / 60:.1f} min] {r['variant']} seed {r['seed']}: "
-                                  f"demo-gFID {r['gfid_no_cfg']:.2f} / CFG {r['gfid_best_cfg']:.2f}, "
-                                  f"PSNR {r['reconstruction']['psnr']:.2f}, train {r['train_seconds']:.0f}s",
-                                  flush=True)
-                        except Exception as e:  # one failed variant must not lose the others
-                            missing.append(f"{t['variant']['name']} seed {t['seed']}: failed: "
-                                           f"{type(e).__name__}: {e}")
-                            print(f"task {t['variant']['name']} seed {t['seed']} failed: {e}", file=sys.stderr)
-        return done
+                if not futures:
+                    continue
+                done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    t = futures.pop(f)
+                    try:
+                        r = f.result()
+                    except Exception as e:  # one failed variant must not lose the others
+                        finished(t, error=f"{type(e).__name__}: {e}")
+                    else:
+                        finished(t, r)
 
     def report():
         meta = {
@@ -215,6 +243,7 @@ def main(argv=None) -> int:
             "wall_seconds": time.time() - t0,
             "extractor": extractor,
             "missing": missing,
+            "real_floor": real_floor,
             "notes": [
                 "d's VAE is pretrained with the same step budget, then frozen; its flow stage skips the "
                 "reconstruction and GAN terms (nothing in the VAE trains), so its stage is cheaper per step.",
@@ -225,15 +254,9 @@ def main(argv=None) -> int:
         }
         write_report(results, args.md, args.png, meta)
 
-    main_first = [task(v, args.seed) for v in plan]
-    results.extend(run_phase(main_first))
+    run_all([task(v, args.seed) for v in plan if v.group == "main"],
+            [task(v, args.seed) for v in plan if v.group != "main"])
     report()
-    ranked = sorted((r for r in results if r["group"] == "main"), key=lambda r: r["gfid_no_cfg"])
-    top = [r["variant"] for r in ranked[: args.top]]
-    if extra_seeds and top:
-        by_name = {v.name: v for v in plan}
-        results.extend(run_phase([task(by_name[n], s) for n in top for s in extra_seeds]))
-        report()
     print(json.dumps({"md": args.md, "png": args.png, "results": len(results), "missing": missing,
                       "minutes": round((time.time() - t0) / 60, 1)}, indent=2))
     return 0 if not missing else 1

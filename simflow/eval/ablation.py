@@ -510,7 +510,7 @@ def write_report(results: Sequence[Dict[str, Any]], md_path: str, png_path: str,
         md_path / png_path: outputs.
         meta: ``command``, ``commit``, ``steps``, ``num_samples``, ``num_heldout``, ``cfg_scales``, ``seeds``,
             ``wall_seconds``, ``extractor`` (describe()), ``notes`` (list of strings), ``missing`` (tasks that did
-            not finish).
+            not finish), ``real_floor`` (:func:`score_samples` of real training images, or absent).
 
     Returns:
         ``md_path``.
@@ -558,6 +558,12 @@ def write_report(results: Sequence[Dict[str, Any]], md_path: str, png_path: str,
             f"{_fmt(r['is0'])} | {_fmt(r['prec0'])} / {_fmt(r['rec0'])} | {_fmt(r['train_s'], 0)} |"
         )
     lines += [
+        "",
+        (f"Floor (no model): the first {meta.get('num_samples')} real training images scored like samples give "
+         f"demo-gFID {meta['real_floor'].get('demo_fid', math.nan):.3f}, class accuracy "
+         f"{meta['real_floor'].get('class_accuracy', math.nan):.3f}, precision/recall "
+         f"{meta['real_floor'].get('demo_precision', math.nan):.3f} / {meta['real_floor'].get('demo_recall', math.nan):.3f}."
+         if meta.get("real_floor") else ""),
         "",
         "Values with two seeds are `mean ± half range`. NLL is of the posterior latents of held-out images under "
         "the flow (true labels); it is a density of a *different variable* for each variant (the latent scale is "
