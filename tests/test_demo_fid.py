@@ -27,7 +27,7 @@ from simflow.eval.evaluator import ReferenceError, check_compatible, evaluate, l
 from simflow.eval.features import WeightsNotFoundError, available_feature_extractors, sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Test accuracy of the reduced run below, measured at 0.808 (one thread, seed 0); the margin absorbs float summation
+# Test accuracy of the reduced run below, measured at 0.808 (seed 0); the margin absorbs float summation
 # order differences between machines. The 0.90 bar applies to the full run (tools/train_feature_net.py).
 REDUCED_RUN_MIN_ACCURACY = 0.77
 
