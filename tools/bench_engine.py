@@ -5,6 +5,7 @@
     python tools/bench_engine.py --config b --dps 1 2 --steps 2 --global-batch 4
     python tools/bench_engine.py --tp 2 --dps 2           # adds TP=2 x DP=2 (4 processes)
     python tools/bench_engine.py --gpu-xl 16 --steps 5    # one GPU: XL joint step at micro-batch 16, bf16, MFU
+    python tools/bench_engine.py --gpu-sanity             # one GPU: local vs DeepSpeed engine agree (tiny, bf16)
 
 CPU mode prints one table. Every case trains the real generator + discriminator (the trainer's ``train_step``) at the
 same global batch; the ZeRO-3 cases split it over DP ranks. Memory columns count the bytes of the tensors each
@@ -89,13 +90,12 @@ def _gen_bytes(engine) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str, config: str, data: str, tp: int, global_batch: int,
-            steps: int, engine: str) -> None:
+            steps: int, engine: str, threads: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     warnings.filterwarnings("ignore")
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         from simflow.config import load_config
         from simflow.parallel.factory import build_engine
@@ -109,8 +109,9 @@ def _worker(rank: int, world: int, port: int, out: str, config: str, data: str, 
         topo = init_topology(cfg)
         tr = Trainer(cfg, topo, build_engine=build_engine)
         it = _synthetic(cfg, cfg.train.micro_batch_size, topo.dp_rank * cfg.train.micro_batch_size)
+        torch.set_num_threads(threads)  # the same for every case (DeepSpeed's build may change it)
         step_s = _measure(tr, it, steps, cuda=False)
-        res = {"step_s": step_s, **_gen_bytes(tr.gen)}
+        res = {"step_s": step_s, "threads": torch.get_num_threads(), **_gen_bytes(tr.gen)}
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(res, f)
@@ -121,7 +122,8 @@ def _worker(rank: int, world: int, port: int, out: str, config: str, data: str, 
         raise
 
 
-def cpu_case(config: str, data: str, world: int, tp: int, global_batch: int, steps: int, engine: str) -> dict:
+def cpu_case(config: str, data: str, world: int, tp: int, global_batch: int, steps: int, engine: str,
+             threads: int) -> dict:
     import torch.multiprocessing as mp
 
     from simflow.parallel.topology import free_port
@@ -129,7 +131,8 @@ def cpu_case(config: str, data: str, world: int, tp: int, global_batch: int, ste
     out = tempfile.mktemp(suffix=".json")
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, out, config, data, tp, global_batch, steps, engine))
+    procs = [ctx.Process(target=_worker,
+                         args=(r, world, port, out, config, data, tp, global_batch, steps, engine, threads))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -191,6 +194,48 @@ def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False) -> di
     return res
 
 
+def gpu_sanity(steps: int, dry_run_cpu: bool = False) -> dict:
+    """CUDA correctness check on the tiny config (seconds): the local engine and the DeepSpeed engine (NCCL, DP=1,
+    bf16 autocast) train ``steps`` identical steps; losses agree to bf16 accuracy; the EMA model sampled through
+    ``full_params`` equals the exported weights sampled in a plain model."""
+    import torch
+
+    from simflow.config import load_config
+    from simflow.models.simflow import SimFlowModel
+    from simflow.parallel.factory import build_engine
+    from simflow.parallel.topology import destroy_topology, init_topology
+    from simflow.sampling import sample_images
+    from simflow.train.trainer import Trainer
+
+    cuda = torch.cuda.is_available() and not dry_run_cpu
+    if not cuda and not dry_run_cpu:
+        raise SystemExit("--gpu-sanity needs CUDA")
+    data = _demo(tempfile.gettempdir())
+    base = _overrides(data, 8, 0, [f"train.device={'cuda' if cuda else 'cpu'}", "loss.gan.norm=group"])
+    metrics = {}
+    for engine in ("local", "deepspeed"):
+        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), base + [f"parallel.engine={engine}"])
+        topo = init_topology(cfg)
+        tr = Trainer(cfg, topo, build_engine=build_engine)
+        it = iter(tr.loader)
+        metrics[engine] = [tr.train_step(it)["loss"] for _ in range(steps)]
+        if engine == "deepspeed":
+            idx = torch.arange(4)
+            with torch.no_grad(), tr.gen.full_params(ema=True) as m:
+                m.eval()
+                x_sharded = sample_images(m, idx, idx % 10, cfg.sample, topo.device, torch.float32).float().cpu()
+            plain = SimFlowModel(cfg)
+            plain.load_state_dict(tr.gen.full_state_dict(ema=True))
+            plain.to(topo.device).eval()
+            with torch.no_grad():
+                x_plain = sample_images(plain, idx, idx % 10, cfg.sample, topo.device, torch.float32).float().cpu()
+        destroy_topology(topo)
+    rel = max(abs(a - b) / max(abs(a), 1e-3) for a, b in zip(metrics["local"], metrics["deepspeed"]))
+    return {"losses_local": metrics["local"], "losses_deepspeed": metrics["deepspeed"], "max_rel_loss_diff": rel,
+            "sample_max_diff": (x_sharded - x_plain).abs().max().item(), "sample_max_abs": x_plain.abs().max().item(),
+            "ok": rel < 2e-2 and (x_sharded - x_plain).abs().max().item() < 1e-4 * max(1.0, x_plain.abs().max().item())}
+
+
 def _demo(folder: str) -> str:
     """A small real demo set (the Trainer's loader needs a file; timed steps use synthetic batches)."""
     path = os.path.join(folder, "simflow-bench-demo", "demo.npz")
@@ -212,10 +257,18 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=1, help="also run TP=tp x DP for each --dps (tp x dp processes)")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process, the same in every case (default 1: on a shared or small machine "
+                        "more threads than free cores make OpenMP regions wait, which swamps the comparison)")
     p.add_argument("--gpu-xl", type=int, metavar="MICRO_BATCH", help="CUDA: XL step at this micro-batch, JSON out")
     p.add_argument("--gpu-config", default="xl")
+    p.add_argument("--gpu-sanity", action="store_true", help="CUDA: local vs DeepSpeed engine on tiny, JSON out")
     p.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.gpu_sanity:
+        r = gpu_sanity(a.steps, a.dry_run_cpu)
+        print(json.dumps(r), flush=True)
+        return 0 if r["ok"] else 1
     if a.gpu_xl:
         print(json.dumps(gpu_xl(a.gpu_xl, a.steps, a.gpu_config, a.dry_run_cpu)), flush=True)
         return 0
@@ -229,12 +282,13 @@ def main(argv=None) -> int:
             print(f"skip {engine} world={world}: global batch {a.global_batch} not divisible by DP", file=sys.stderr)
             continue
         t0 = time.time()
-        r = cpu_case(a.config, data, world, tp, a.global_batch, a.steps, engine)
+        r = cpu_case(a.config, data, world, tp, a.global_batch, a.steps, engine, a.threads)
         r["wall_s"] = time.time() - t0
         rows.append((engine, world, tp, r))
         print(f"done {engine} world={world} tp={tp} in {r['wall_s']:.0f}s", file=sys.stderr, flush=True)
     base = next((r for e, w, t, r in rows if e == "deepspeed" and w == 1), rows[0][3])
-    print(f"\nconfig {a.config}, global batch {a.global_batch}, {os.cpu_count()} CPU cores, generator state per rank")
+    print(f"\nconfig {a.config}, global batch {a.global_batch}, {os.cpu_count()} CPU cores, {a.threads} thread(s) per "
+          f"process, generator state per rank")
     hdr = (f"{'engine':<10}{'procs':>6}{'TP':>4}{'DP':>4}{'micro':>6}{'params MiB':>12}{'optim MiB':>11}"
            f"{'EMA MiB':>9}{'x DP=1':>8}{'step s':>9}")
     print(hdr)
