@@ -5,7 +5,7 @@
 #   2. the XL model's joint training step (VAE + 1.36B flow + PatchGAN, bf16 autocast, ZeRO-3 at DP=1) at the
 #      largest micro-batch that fits, with MFU.
 #
-#   bash tools/gpu_check_engine.sh                 # tries micro-batches 32 24 16 8, stops at the first that fits
+#   bash tools/gpu_check_engine.sh                 # tries micro-batches 24 16 8, stops at the first that fits
 #   MICRO_BATCHES="16 8" STEPS=3 OUT=/tmp/x bash tools/gpu_check_engine.sh
 #
 # Each attempt is a fresh process (an out-of-memory error leaves a CUDA context unusable) with its own time limit;
@@ -29,7 +29,7 @@ if ! timeout 120 "$PY" tools/bench_engine.py --gpu-sanity --steps 3 >"$OUT/sanit
   exit 1
 fi
 cat "$OUT/sanity.json"
-for mb in ${MICRO_BATCHES:-32 24 16 8}; do
+for mb in ${MICRO_BATCHES:-24 16 8}; do
   left=$(( BUDGET_S - ($(date +%s) - start) ))
   if (( left < 60 )); then echo "budget used up before micro-batch $mb"; break; fi
   limit=$(( left < ATTEMPT_S ? left : ATTEMPT_S ))
