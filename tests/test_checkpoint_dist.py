@@ -1,0 +1,249 @@
+"""Multi-process checkpoint tests on CPU/gloo (issue 5 "Must show"): resume at other (TP, DP) layouts, a worker
+SIGKILLed under ``torchrun`` elastic with two agents, SIGUSR1/SIGTERM sent to one rank only.
+
+Every job is the real entry point (``python -m launcher`` / ``torchrun ... -m launcher``) on the tiny config at flow
+width 32 with the DeepSpeed ZeRO-3 engine (megatron-core TP where tp_size=2). DeepSpeed's first start JIT-builds a
+small shm op cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), shared with
+test_parallel_dist.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ckpt_helpers import ROOT, TINY, child_env, launch_ranks, read_logs, small_overrides, wait_all
+from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_manifest, verify
+from simflow.config import load_config
+from simflow.parallel.topology import free_port
+from simflow.train.signals import REQUEUE_EXIT_CODE
+from simflow.train.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+GLOBAL = 6  # divisible by DP = 1, 2, 3
+SAVE_AT, STEPS = 3, 5
+REL = 1e-6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_npz(tmp_path_factory):
+    from simflow.data.demo import build_demo
+
+    train, _, _ = build_demo(str(tmp_path_factory.mktemp("demo")), limit=2000)
+    return train
+
+
+def _metrics(out_dir) -> dict:
+    """step -> metrics of the last record logged for that step (a resumed job may re-log steps)."""
+    recs = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            recs[r["step"]] = r
+    return recs
+
+
+def _run(world, ov, out, timeout=600):
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    codes = wait_all(launch_ranks(world, ov, logs, free_port()), timeout)
+    assert codes == [0] * world, f"exit codes {codes}\n{read_logs(logs)}"
+    return read_logs(logs)
+
+
+def _close(a: float, b: float, rel: float = REL) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tp2dp2(demo_npz, tmp_path_factory):
+    """TP=2 x DP=2 (4 processes): saves at step 3 and runs on, uninterrupted, to step 5 (the reference)."""
+    out = str(tmp_path_factory.mktemp("tp2dp2"))
+    ov = small_overrides(demo_npz, out, "parallel.engine=deepspeed", "parallel.tp_size=2", "train.micro_batch_size=3",
+                         f"train.global_batch_size={GLOBAL}", f"train.steps={STEPS}", f"checkpoint.every_steps={SAVE_AT}",
+                         "checkpoint.keep=2", "train.run_id=xtopo")
+    _run(4, ov, out)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["dp1", "dp2", "dp3", "tp2dp1"])
+def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
+    """Step 3 of the TP=2 x DP=2 run, resumed at DP=1 (local engine, one process), DP=2, DP=3 and TP=2 x DP=1:
+    steps 4 and 5 equal the uninterrupted TP=2 x DP=2 run within 1e-6 (relative), every loss term."""
+    src = os.path.join(tp2dp2, "checkpoints", f"step-{SAVE_AT:07d}")
+    manifest = read_manifest(src)
+    assert manifest["topology"] == {"world_size": 4, "tp_size": 2, "dp_size": 2}
+    assert {f for f in manifest["files"] if f.startswith("shard-")} == {f"shard-0000{r}-of-00004.pt" for r in range(4)}
+    assert {f for f in manifest["files"] if f.startswith("rng-")} == {f"rng-0000{r}.pt" for r in range(4)}
+    out = str(tmp_path / layout)
+    shutil.copytree(src, os.path.join(out, "checkpoints", os.path.basename(src)))
+    world, tp = {"dp1": (1, 1), "dp2": (2, 1), "dp3": (3, 1), "tp2dp1": (2, 2)}[layout]
+    micro = GLOBAL * tp // world
+    ov = small_overrides(demo_npz, out, f"train.micro_batch_size={micro}", f"train.global_batch_size={GLOBAL}",
+                         f"train.steps={STEPS}", "checkpoint.every_steps=0", "train.run_id=xtopo")
+    if world == 1:
+        t = Trainer(load_config(TINY, ov))
+        t.fit()
+        assert t.resume_report["loaded"] == os.path.join(out, "checkpoints", os.path.basename(src))
+    else:
+        logs = _run(world, ov + ["parallel.engine=deepspeed", f"parallel.tp_size={tp}"], out)
+        assert f"resumed from {os.path.join(out, 'checkpoints', os.path.basename(src))} at step {SAVE_AT} " \
+               f"(saved at world size 4, now {world}" in logs
+    ref, got = _metrics(tp2dp2), _metrics(out)
+    assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
+    for step in got:
+        for key in ("loss", "nll", "rec", "gan", "d_loss", "grad_norm"):
+            assert _close(got[step][key], ref[step][key]), (layout, step, key, got[step][key], ref[step][key])
+    assert ref[STEPS]["loss"] != ref[SAVE_AT + 1]["loss"]
+    parts, _ = load_checkpoint(os.path.join(out, "checkpoints", f"step-{STEPS:07d}"), parts=["loader", "trainer"])
+    assert parts["loader"]["consumed_samples"] == STEPS * GLOBAL and parts["trainer"]["step"] == STEPS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _descendants(pid: int):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
+    """Two torchrun agents (``--nnodes=1:2``, one worker each) on one machine; worker of agent B is SIGKILLed in the
+    middle of training. The agents restart both workers, which resume from the newest valid checkpoint; the job
+    ends by itself, and with a checkpoint every step its final weights equal an uninterrupted run's, bit for bit."""
+    steps = 7
+    common = ["parallel.engine=deepspeed", "train.micro_batch_size=4", f"train.steps={steps}",
+              "checkpoint.every_steps=1", "checkpoint.keep=2"]
+    clean = str(tmp_path / "clean")
+    _run(2, small_overrides(demo_npz, clean, *common, "train.run_id=elastic"), clean)
+
+    out = str(tmp_path / "elastic")
+    os.makedirs(out)
+    ov = small_overrides(demo_npz, out, *common, "train.run_id=elastic")
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test",
+           "--monitor-interval=0.2", "-m", "launcher", "--config", TINY, *ov]
+    agents = []
+    for name in ("a", "b"):
+        log = open(os.path.join(out, f"agent_{name}.log"), "w")
+        agents.append(subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True))
+        time.sleep(1.0)  # agent a hosts the c10d store
+    killed = None
+    try:
+        marker = os.path.join(out, "checkpoints", "step-0000003", MARKER)
+        deadline = time.time() + 400
+        while not os.path.exists(marker) and time.time() < deadline and all(a.poll() is None for a in agents):
+            time.sleep(0.05)
+        assert os.path.exists(marker), "the job never reached step 3"
+        workers = [p for p in _descendants(agents[1].pid) if "launcher" in _cmdline(p)
+                   and "torch.distributed.run" not in _cmdline(p)]
+        assert workers, "no worker process under agent b"
+        killed = workers[0]
+        os.kill(killed, signal.SIGKILL)
+        codes = [a.wait(timeout=400) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)
+                a.wait()
+    text = "".join(open(os.path.join(out, f"agent_{n}.log"), errors="replace").read() for n in ("a", "b"))
+    assert codes == [0, 0], f"agents exited {codes}\n{text[-6000:]}"
+    assert "resumed from" in text and f"done: step {steps}" in text
+    resumed_at = int(text.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert resumed_at >= 3
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(clean, "weights.safetensors")), load_file(os.path.join(out, "weights.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ca = load_checkpoint(os.path.join(clean, "checkpoints", f"step-{steps:07d}"), parts=["generator"])[0]
+    cb = load_checkpoint(os.path.join(out, "checkpoints", f"step-{steps:07d}"), parts=["generator"])[0]
+    for k, v in ca["generator"]["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], cb["generator"]["optimizer"]["state"][k]["exp_avg_sq"])
+    assert not os.path.exists(os.path.join(out, "checkpoints", "run.lock"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _wait_for_step(out: str, step: int, procs, timeout: float = 300) -> None:
+    path = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job did not reach step {step}")
+
+
+def test_signal_to_one_rank_saves_everywhere_and_requeues(demo_npz, tmp_path):
+    """SIGUSR1 to rank 1 only, then (after the requeue resumed) SIGTERM to rank 0 only: each time both ranks save
+    the same step (one committed step holding both ranks' files, nothing after it) and exit with status 75."""
+    out = str(tmp_path / "run")
+    ov = small_overrides(demo_npz, out, "parallel.engine=deepspeed", "train.micro_batch_size=4", "train.steps=60",
+                         "checkpoint.every_steps=0", "checkpoint.watchdog_s=120")
+    root = os.path.join(out, "checkpoints")
+    saved = []
+    for attempt, (rank, sig) in enumerate([(1, signal.SIGUSR1), (0, signal.SIGTERM)]):
+        logs = os.path.join(out, f"logs{attempt}")
+        os.makedirs(logs, exist_ok=True)
+        procs = launch_ranks(2, ov, logs, free_port())
+        try:
+            _wait_for_step(out, (saved[-1] if saved else 0) + 2, procs)
+            os.kill(procs[rank].pid, sig)
+            codes = wait_all(procs, 300)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        text = read_logs(logs)
+        assert codes == [REQUEUE_EXIT_CODE] * 2, f"{codes}\n{text}"
+        steps = [s for s, d in list_steps(root) if os.path.exists(os.path.join(d, MARKER))]
+        assert len(steps) == len(saved) + 1 and steps[:-1] == saved
+        s = steps[-1]
+        d = os.path.join(root, f"step-{s:07d}")
+        assert verify(d)[0]
+        files = read_manifest(d)["files"]
+        assert {"rng-00000.pt", "rng-00001.pt", "shard-00000-of-00002.pt", "shard-00001-of-00002.pt"} <= set(files)
+        assert max(r for r in _metrics(out)) == s  # no rank went past the saved step
+        assert (f"stop requested by {sig.name} on rank {rank}: saved step {s} on every rank; exiting with the requeue "
+                f"status 75") in text
+        if rank == 1:
+            assert f"stop requested by a signal to another rank: saved step {s}" in text
+        if saved:
+            assert f"resumed from {os.path.join(root, f'step-{saved[-1]:07d}')} at step {saved[-1]}" in text
+            assert s > saved[-1]
+        saved.append(s)
+    assert not os.path.exists(os.path.join(root, "run.lock"))
