@@ -75,6 +75,10 @@ class FlowConfig:
     scale_param: str = "softplus"  # softplus (STARFlow) | exp (TarFlow)
     soft_clip: float = 4.0  # a <- c*tanh(a/c) on raw head outputs; 0 disables (method §4.3 step 6)
     latent_norm_reg: float = 0.0  # STARFlow 1e-4 * sum_k mean(z_k^2) (method §4.4), 0 = off
+    # STARFlow-style extra Gaussian latent noise (method §5.5, §10.3 "Noise" rows): z <- z + noise_std * eps' after
+    # the posterior sample, before the flow; the decoder reconstructs from the same noisy z (as STARFlow's
+    # noise-fine-tuned decoder does), so flow samples decode directly. 0 = off (SimFlow). Issue 8 ablation (c).
+    noise_std: float = 0.0
 
 
 @dataclass
@@ -188,6 +192,10 @@ class TrainConfig:
     ema_vae: bool = False
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     seed: int = 0
+    # Frozen-VAE variants (method §10.3 "Frozen VAE" rows, issue 8 ablation (d)): load the VAE weights from an
+    # exported weights file or checkpoint (``vae.*`` entries) before training, and/or train the flow only.
+    init_vae_from: Optional[str] = None
+    freeze_vae: bool = False
     out_dir: str = "runs/default"
     run_id: Optional[str] = None
     log_every: int = 10
@@ -348,6 +356,10 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("parallel.tp_size", f"attention heads ({f.width // f.head_dim}) must be divisible by the TP size")
     if v.posterior_std <= 0:
         bad("model.vae.posterior_std", "must be > 0")
+    if f.noise_std < 0:
+        bad("model.flow.noise_std", "must be >= 0")
+    if cfg.train.init_vae_from and cfg.parallel.engine != "local":
+        bad("train.init_vae_from", "is supported with parallel.engine=local only (weights load before sharding)")
     down = 2 ** (len(v.ch_mult) - 1)
     if cfg.model.resolution % down != 0:
         bad("model.resolution", f"must be divisible by the VAE downsampling factor {down} (len(ch_mult)-1 halvings)")

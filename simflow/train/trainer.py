@@ -41,7 +41,7 @@ from simflow.parallel.engine import Engine, LocalEngine
 from simflow.sampling import sample_images, save_grid
 from simflow.train.metrics import MetricsLogger, plot_loss_curve
 from simflow.train.signals import REQUEUE_EXIT_CODE, RequeueExit, StepBoundary, Watchdog
-from simflow.train.noise import STREAM_POSTERIOR, drop_labels, per_sample_normal
+from simflow.train.noise import STREAM_LATENT_NOISE, STREAM_POSTERIOR, drop_labels, per_sample_normal
 
 log = logging.getLogger("simflow")
 
@@ -141,7 +141,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and for any TP size
         build_engine = build_engine or _build_local_engine
-        self.gen: Engine = build_engine(cfg, lambda factory=None: SimFlowModel(cfg, factory), "generator",
+        self.gen: Engine = build_engine(cfg, lambda factory=None: build_generator(cfg, factory), "generator",
                                         ["flow", "vae"] if cfg.train.ema_vae else ["flow"], self.topo)
         self.disc: Optional[Engine] = None
         if cfg.loss.gan.weight > 0:
@@ -277,13 +277,17 @@ class Trainer:
         idx = batch["index"]
         eps = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_POSTERIOR).to(self.device)
         y_in = drop_labels(y, self.model.null_class, cfg.train.label_drop, cfg.train.seed, idx)
+        latent_noise = None
+        if cfg.model.flow.noise_std > 0:  # STARFlow-style extra latent noise, its own per-sample stream
+            latent_noise = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx,
+                                             STREAM_LATENT_NOISE).to(self.device)
         teacher_features = None
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_features = self.teacher(x)  # (B, N, C); repa_loss resamples to the flow grid
         gan_on = self.disc is not None and self.step >= cfg.loss.gan.start_step
         with self._autocast():
-            out = self.gen.module(x, y_in, eps)
+            out = self.gen.module(x, y_in, eps, latent_noise)
             frozen = self.disc.frozen() if gan_on else contextlib.nullcontext()
             with frozen:
                 loss, m = generator_loss(cfg, self.model, out, x, self.step, self.perceptual,
@@ -439,6 +443,53 @@ def check_compatible(manifest: Dict[str, Any], run_id: str, cfg: SimFlowConfig, 
     if diffs:
         raise CheckpointError(f"{where}: the config changes the architecture ({'; '.join(diffs)}); a run cannot "
                               f"resume into another model (start a new run directory instead)")
+
+
+def load_vae_weights(vae: torch.nn.Module, path: str) -> Dict[str, Any]:
+    """Load the ``vae.*`` entries of an exported weights file or a checkpoint into ``vae`` (strict).
+
+    Args:
+        vae: the :class:`~simflow.models.vae.VAE` to fill.
+        path: ``weights.safetensors`` (``Trainer.export``) or a checkpoint step/root directory.
+
+    Returns:
+        the source description (path, SHA-256, step) of :func:`simflow.eval.weights.load_state`.
+
+    Raises:
+        ValueError: missing file, no ``vae.*`` entries, or entries that do not fit the config's VAE (names the
+            file, the key ``train.init_vae_from`` and the mismatching tensors).
+    """
+    from simflow.eval.weights import WeightsError, load_state
+
+    try:
+        state, src = load_state(path, use_ema=True)
+    except WeightsError as e:
+        raise ValueError(f"train.init_vae_from={path!r}: {e}") from None
+    vae_state = {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
+    if not vae_state:
+        raise ValueError(f"train.init_vae_from={path!r}: no 'vae.*' entries in the weights")
+    own = vae.state_dict()
+    bad = sorted(set(own) ^ set(vae_state)) + [
+        f"{k}: {tuple(vae_state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own if k in vae_state and vae_state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"train.init_vae_from={path!r}: the VAE weights do not fit model.vae ({len(bad)} "
+                         f"problems, e.g. {bad[:3]})")
+    vae.load_state_dict({k: v.to(own[k].dtype) for k, v in vae_state.items()}, strict=True)
+    return src.describe()
+
+
+def build_generator(cfg: SimFlowConfig, linear_factory=None) -> SimFlowModel:
+    """``SimFlowModel(cfg)``, with the VAE loaded from ``train.init_vae_from`` and frozen (``requires_grad``
+    off, so no optimizer state and no updates) when ``train.freeze_vae`` (method §10.3 "Frozen VAE" variants)."""
+    model = SimFlowModel(cfg, linear_factory)
+    if cfg.train.init_vae_from:
+        if cfg.parallel.engine != "local":
+            raise ValueError("train.init_vae_from is supported with parallel.engine=local only")
+        load_vae_weights(model.vae, cfg.train.init_vae_from)
+    if cfg.train.freeze_vae:
+        model.vae.requires_grad_(False)
+    return model
 
 
 def _build_local_engine(cfg: SimFlowConfig, build_module, role: str, ema_prefixes, topology: Topology) -> Engine:
