@@ -15,8 +15,8 @@ with gloo and one task per node:
 * ``slurm/sample_fid50k.sh`` as a two-task job array writes its index ranges; re-submitting it skips the finished
   ranges and regenerates a missing one bit-identically.
 
-Time on the 2-core CI machine: about 4-5 minutes for the module (DeepSpeed's shm op is already compiled by the
-parallel tests; otherwise add ~60 s).
+Time on the 2-core CI machine: about 5 minutes for the module, of which ~1 minute is DeepSpeed compiling its shm op
+once per virtual environment (``EXT_DIR``); much more when other jobs load the machine.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ SHARED_SLURM = os.path.normpath(os.path.join(ROOT, "..", "shared", "slurm"))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 STEPS = 16
+# DeepSpeed JIT-compiles a small shm op at its first init (~60 s on 2 cores). The jobs and the torchrun reference
+# share one build folder per virtual environment: torch's default (~/.cache/torch_extensions/py311_cpu) is shared by
+# every venv of the user, and two venvs take turns rebuilding it.
+EXT_DIR = os.path.join(sys.prefix, "torch_extensions")
 # sbatch options that fit the scripts' requests to the CPU test cluster (n1, n2: 8 CPUs, 4 GB, no GPUs each)
 CPU_SBATCH = ["--gpus-per-node=0", "--cpus-per-task=1", "--mem=0", "--time=30"]
 
@@ -158,7 +162,7 @@ def _job_env(run_dir: str) -> Dict[str, str]:
         SIMFLOW_RDZV_PORT=str(_free_port()),
         # a node that starts late is still waited for this long before the first round closes without it
         SIMFLOW_RDZV_CONF="last_call_timeout=10",
-        OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TORCH_EXTENSIONS_DIR=EXT_DIR,
     )
     return env
 
@@ -268,7 +272,7 @@ def test_two_node_training_equals_torchrun(clean_run, demo_npz, tmp_path):
     assert sorted(exits) == ["n1-rank0-restart0", "n2-rank1-restart0"]
 
     ref = str(tmp_path / "torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TORCH_EXTENSIONS_DIR=EXT_DIR)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "launcher",
            "--config", TINY, f"train.out_dir={ref}", *_overrides(demo_npz, "checkpoint.every_steps=8")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
