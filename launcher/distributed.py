@@ -32,6 +32,7 @@ def launch_distributed(cfg: SimFlowConfig, source: str = "<config>", env: Option
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # import-time notices, once per rank
     topo = init_topology(cfg, env)
     try:
         if not topo.is_main:
