@@ -1,8 +1,9 @@
 """Multi-process tests of the distributed engine on CPU with gloo (issue 4 "Must show").
 
-Two launches keep the cost down on a 2-core machine: 2 processes (DP=2) and 4 processes (TP=2 x DP=2), each running
-the real trainer on the tiny config (GAN on from step 0, GroupNorm discriminator so the loss does not depend on how
-a batch is split), plus the tensor-parallel checks of the real flow in the 4-process launch. The reference is the
+Two launches keep the cost down on a 2-core machine: 2 processes (DP=2, 2 micro-batches accumulated per step) and
+4 processes (TP=2 x DP=2), each running the real trainer on the tiny config (GAN on from step 0, GroupNorm
+discriminator so the loss does not depend on how a batch is split), plus the tensor-parallel checks of the real flow
+in the 4-process launch; a third, ``torchrun`` launch runs the launcher end to end. The reference is the
 local engine in this process with the same global batch. DeepSpeed's first start JIT-compiles a small shm op
 (cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), shared by all launches.
 """
@@ -54,10 +55,11 @@ def reference(demo_npz, tmp_path_factory):
     return {"cfg": cfg, "metrics": [tr.train_step(it) for _ in range(STEPS + 1)]}
 
 
-def _launch(world, tp, micro, demo_npz, tmp_path_factory, bf16_steps=0):
+def _launch(world, tp, micro, demo_npz, tmp_path_factory, bf16_steps=0, accumulation=1):
     out = str(tmp_path_factory.mktemp(f"w{world}tp{tp}"))
     ov = _overrides(demo_npz, out, "parallel.engine=deepspeed", f"parallel.tp_size={tp}",
-                    f"train.micro_batch_size={micro}", f"train.global_batch_size={GLOBAL_BATCH}")
+                    f"train.micro_batch_size={micro}", f"train.grad_accumulation={accumulation}",
+                    f"train.global_batch_size={GLOBAL_BATCH}")
     spawn(trainer_worker, world, (out, ov, STEPS, bf16_steps), errdir=out, timeout=900)
     res = torch.load(os.path.join(out, "result.pt"), weights_only=False)
     res["cfg"] = load_config(TINY, ov)
@@ -66,7 +68,8 @@ def _launch(world, tp, micro, demo_npz, tmp_path_factory, bf16_steps=0):
 
 @pytest.fixture(scope="module")
 def dp2(demo_npz, tmp_path_factory):
-    return _launch(2, 1, GLOBAL_BATCH // 2, demo_npz, tmp_path_factory, bf16_steps=BF16_STEPS)
+    # DP=2 with 2 micro-batches of 2 per step: exercises gradient accumulation in the DeepSpeed engine
+    return _launch(2, 1, GLOBAL_BATCH // 4, demo_npz, tmp_path_factory, bf16_steps=BF16_STEPS, accumulation=2)
 
 
 @pytest.fixture(scope="module")
