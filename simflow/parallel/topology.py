@@ -296,14 +296,6 @@ class Topology:
         if self.distributed:
             torch.distributed.barrier()
 
-    def all_reduce_mean(self, value: float, group=None) -> float:
-        """Mean of a Python float over ``group`` (default: all ranks). Returns the value unchanged when alone."""
-        if not self.distributed:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device if self.backend == "nccl" else "cpu")
-        torch.distributed.all_reduce(t, group=group)
-        return float(t.item()) / torch.distributed.get_world_size(group)
-
     def table(self, cfg: SimFlowConfig) -> str:
         """The topology as a small text table: world, TP, DP, micro-batch, accumulation, global batch."""
         rows = [
