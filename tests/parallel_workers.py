@@ -154,9 +154,11 @@ def tp_flow_checks(cfg, tp_group) -> Dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the real trainer on the DeepSpeed engine
-def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], steps: int, bf16_steps: int = 0) -> None:
+def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], steps: int, bf16_steps: int = 0,
+                   local_state: str = None) -> None:
     """Build the tiny config's Trainer on the DeepSpeed engine, run ``steps`` steps, snapshot the topology-free
-    state, export, sample from the sharded EMA, run one more step; then, if ``bf16_steps``, a second Trainer with
+    state, export, sample from the sharded EMA, run one more step; load ``local_state`` (a LocalEngine state) when
+    given and run one step from it; then, if ``bf16_steps``, a second Trainer with
     ``train.precision=bf16`` (DeepSpeed's torch_autocast path, used on CUDA) in the same process groups. Rank 0
     saves everything to ``outdir``."""
     from simflow.config import load_config
@@ -201,6 +203,13 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         model.train()
     res["next_metrics"] = tr.train_step(it)
     res["after_next_export"] = gen.full_state_dict(ema=False)
+    if local_state:  # a LocalEngine state (1 process) loaded into these sharded engines, then one step
+        st = torch.load(local_state, weights_only=True)
+        gen.load_state_dict(st["gen"])
+        tr.disc.load_state_dict(st["disc"])
+        tr.loader.load_state_dict(st["loader"])
+        tr.step = steps
+        res["from_local_metrics"] = tr.train_step(iter(tr.loader))
     res["errors"] = {}
     try:  # the accumulation protocol is enforced
         gen.step()

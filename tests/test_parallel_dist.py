@@ -52,15 +52,19 @@ def reference(demo_npz, tmp_path_factory):
     cfg = load_config(TINY, _overrides(demo_npz, out, f"train.micro_batch_size={GLOBAL_BATCH}"))
     tr = Trainer(cfg)
     it = iter(tr.loader)
-    return {"cfg": cfg, "metrics": [tr.train_step(it) for _ in range(STEPS + 1)]}
+    metrics = [tr.train_step(it) for _ in range(STEPS)]
+    state = os.path.join(out, "local_state.pt")  # LocalEngine state after STEPS steps, for the sharded runs to load
+    torch.save({"gen": tr.gen.state_dict(), "disc": tr.disc.state_dict(), "loader": tr.loader.state_dict()}, state)
+    metrics.append(tr.train_step(it))
+    return {"cfg": cfg, "metrics": metrics, "state_path": state}
 
 
-def _launch(world, tp, micro, demo_npz, tmp_path_factory, bf16_steps=0, accumulation=1):
+def _launch(world, tp, micro, demo_npz, tmp_path_factory, bf16_steps=0, accumulation=1, local_state=None):
     out = str(tmp_path_factory.mktemp(f"w{world}tp{tp}"))
     ov = _overrides(demo_npz, out, "parallel.engine=deepspeed", f"parallel.tp_size={tp}",
                     f"train.micro_batch_size={micro}", f"train.grad_accumulation={accumulation}",
                     f"train.global_batch_size={GLOBAL_BATCH}")
-    spawn(trainer_worker, world, (out, ov, STEPS, bf16_steps), errdir=out, timeout=900)
+    spawn(trainer_worker, world, (out, ov, STEPS, bf16_steps, local_state), errdir=out, timeout=900)
     res = torch.load(os.path.join(out, "result.pt"), weights_only=False)
     res["cfg"] = load_config(TINY, ov)
     return res
@@ -73,8 +77,8 @@ def dp2(demo_npz, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tp2dp2(demo_npz, tmp_path_factory):
-    return _launch(4, 2, GLOBAL_BATCH // 2, demo_npz, tmp_path_factory)
+def tp2dp2(demo_npz, tmp_path_factory, reference):
+    return _launch(4, 2, GLOBAL_BATCH // 2, demo_npz, tmp_path_factory, local_state=reference["state_path"])
 
 
 def _close(a: float, b: float, rel: float = REL) -> bool:
@@ -235,3 +239,11 @@ def test_torchrun_launcher_end_to_end(reference, demo_npz, tmp_path):
     want = {k: tuple(v.shape) for k, v in SimFlowModel(cfg).state_dict().items()}
     assert {k: tuple(v.shape) for k, v in exported.items()} == want
     assert (out / "samples.png").exists()
+
+
+def test_local_engine_state_resumes_at_tp2_dp2(tp2dp2, reference):
+    """The other direction: the LocalEngine's state after 5 steps, loaded into the TP=2 x DP=2 DeepSpeed engines,
+    continues with the uninterrupted local run's 6th-step losses."""
+    m, ref = tp2dp2["from_local_metrics"], reference["metrics"][STEPS]
+    for key in ("loss", "d_loss", "grad_norm"):
+        assert _close(m[key], ref[key]), (key, m[key], ref[key])
