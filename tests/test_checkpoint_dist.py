@@ -160,7 +160,10 @@ def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
     agents = []
     for name in ("a", "b"):
         log = open(os.path.join(out, f"agent_{name}.log"), "w")
-        agents.append(subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        # each rendezvous round gets a fresh worker TCPStore: the agents' shared store keeps the dead round's keys
+        # (README "Checkpoints and fault tolerance": elastic restarts)
+        env = child_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        agents.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True))
         time.sleep(1.0)  # agent a hosts the c10d store
     killed = None
