@@ -10,6 +10,9 @@ The trainer never touches optimizers, gradient scaling, sharding or process grou
     engine.full_state_dict(ema=True)  # full (unsharded) fp32 weights for export / single-process sampling
     with engine.full_params(ema=True): ...   # temporarily run the module with full (EMA) weights, e.g. sampling
 
+``state_dict``, ``load_state_dict``, ``full_state_dict`` and ``full_params`` are **collective** in a distributed
+engine: every rank calls them (only the main rank writes files).
+
 :class:`LocalEngine` implements it for one process (CPU or one GPU). ``simflow.parallel.deepspeed_engine``
 implements it with DeepSpeed ZeRO-3 (+ megatron-core tensor parallelism).
 """

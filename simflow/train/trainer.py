@@ -37,7 +37,7 @@ from simflow.config import SimFlowConfig, from_dict, to_dict
 from simflow.losses.joint import discriminator_loss, generator_loss, nll_lower_bound
 from simflow.models.discriminator import NLayerDiscriminator
 from simflow.models.simflow import SimFlowModel
-from simflow.parallel.engine import Engine, LocalEngine
+from simflow.parallel.engine import Engine
 from simflow.sampling import sample_images, save_grid
 from simflow.train.metrics import MetricsLogger, plot_loss_curve
 from simflow.train.signals import REQUEUE_EXIT_CODE, RequeueExit, StepBoundary, Watchdog
@@ -140,7 +140,8 @@ class Trainer:
             self.teacher = build_teacher(cfg.loss.repa).to(self.device)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and for any TP size
-        build_engine = build_engine or _build_local_engine
+        if build_engine is None:
+            from simflow.parallel.factory import build_engine  # local or DeepSpeed by parallel.engine
         self.gen: Engine = build_engine(cfg, lambda factory=None: build_generator(cfg, factory), "generator",
                                         ["flow", "vae"] if cfg.train.ema_vae else ["flow"], self.topo)
         self.disc: Optional[Engine] = None
@@ -324,7 +325,8 @@ class Trainer:
         if not (dist.is_available() and dist.is_initialized()) or self.topo.world_size == 1:
             return m
         keys = sorted(m)
-        t = torch.tensor([m[k] for k in keys], dtype=torch.float64)
+        dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL reduces device tensors only
+        t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=dev)
         dist.all_reduce(t)  # TP ranks hold identical values, so the world mean equals the DP mean
         return {k: v / self.topo.world_size for k, v in zip(keys, t.tolist())}
 
@@ -490,30 +492,6 @@ def build_generator(cfg: SimFlowConfig, linear_factory=None) -> SimFlowModel:
     if cfg.train.freeze_vae:
         model.vae.requires_grad_(False)
     return model
-
-
-def _build_local_engine(cfg: SimFlowConfig, build_module, role: str, ema_prefixes, topology: Topology) -> Engine:
-    """Single-process engine for ``parallel.engine=local``."""
-    if topology.world_size > 1:
-        raise ValueError("parallel.engine=local runs in one process; use parallel.engine=deepspeed under torchrun")
-    module = build_module().to(topology.device)
-    o = cfg.optim
-    gen = role == "generator"
-    return LocalEngine(
-        module,
-        lr=o.lr if gen else o.disc_lr,
-        betas=o.betas if gen else o.disc_betas,
-        weight_decay=o.weight_decay,
-        eps=o.eps,
-        grad_accumulation=cfg.train.grad_accumulation,
-        grad_clip=o.grad_clip,
-        warmup_steps=o.warmup_steps,
-        schedule=o.schedule,
-        total_steps=cfg.train.steps,
-        min_lr=o.min_lr,
-        ema_prefixes=ema_prefixes,
-        ema_decay=cfg.train.ema_decay,
-    )
 
 
 def run(cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None) -> Dict[str, Any]:
