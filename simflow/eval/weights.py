@@ -7,7 +7,7 @@ Two kinds of weights are accepted, both without unpickling arbitrary objects:
   §12 #12: non-EMA VAE + EMA flow); ``.safetensors``, or a ``.pt``/``.pth`` state dict read with
   ``torch.load(weights_only=True)``;
 * a checkpoint (``simflow.checkpoint.store``): a committed step directory, or a checkpoint root whose newest valid
-  step is used. Its ``generator.pt`` holds ``module`` (raw weights) and ``ema`` (EMA entries, e.g. every
+  step is used. Its ``generator`` part holds ``module`` (raw weights) and ``ema`` (EMA entries, e.g. every
   ``flow.*`` parameter); with ``use_ema`` the EMA entries replace the raw ones. The manifest carries the training
   config, so ``--config`` may be omitted (or point at the checkpoint).
 
@@ -42,7 +42,7 @@ class WeightsSource:
     Attributes:
         path: absolute path of the weights file or checkpoint step directory.
         kind: ``"export"`` (a state-dict file) or ``"checkpoint"``.
-        sha256: SHA-256 of the weights file (for a checkpoint: of its ``generator.pt``, from the verified manifest).
+        sha256: SHA-256 of the weights file (for a checkpoint: of its manifest, as named by the commit marker).
         ema: True when the flow runs with EMA weights (exports always hold the EMA flow).
         step: training step, when known (checkpoint manifest or export metadata).
         run_id: training run id, when known.
@@ -151,32 +151,31 @@ def _read_state_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
 
 
 def _checkpoint_state(step_dir: str, use_ema: bool) -> Tuple[Dict[str, torch.Tensor], WeightsSource]:
-    from simflow.checkpoint.store import CheckpointError, load_checkpoint
+    from simflow.checkpoint.store import MARKER, CheckpointError, load_checkpoint
+    from simflow.checkpoint import storage
 
     try:
         parts, manifest = load_checkpoint(step_dir, parts=["generator"])
     except CheckpointError as e:
         raise WeightsError(str(e)) from None
-    except FileNotFoundError:
-        raise WeightsError(f"{step_dir}: the checkpoint has no generator.pt") from None
     gen = parts["generator"]
     if not isinstance(gen, dict) or not isinstance(gen.get("module"), dict):
-        raise WeightsError(
-            f"{step_dir}/generator.pt has no full 'module' state dict (a sharded engine checkpoint?); export full "
-            f"weights first (Trainer.export -> weights.safetensors) and pass that file"
-        )
+        raise WeightsError(f"{step_dir}: its 'generator' part has no full 'module' state dict; export full weights "
+                           f"first (Trainer.export -> weights.safetensors) and pass that file")
     state = dict(gen["module"])
     ema = gen.get("ema") or {}
     if use_ema:
         if not ema:
-            raise WeightsError(
-                f"{step_dir}/generator.pt holds no EMA weights; set sample.use_ema=false to use the raw ones")
+            raise WeightsError(f"{step_dir}: the generator holds no EMA weights; set sample.use_ema=false to use the "
+                               f"raw ones")
         unknown = sorted(set(ema) - set(state))
         if unknown:
-            raise WeightsError(f"{step_dir}/generator.pt: EMA entries without a parameter: {unknown[:5]}")
+            raise WeightsError(f"{step_dir}: EMA entries without a parameter: {unknown[:5]}")
         state.update(ema)
-    info = manifest["files"]["generator.pt"]
-    src = WeightsSource(os.path.abspath(step_dir), "checkpoint", info["sha256"], bool(use_ema),
+    # The commit marker names the manifest's sha256, and the manifest the sha256 of every file: one digest that
+    # identifies the whole (verified) checkpoint.
+    marker = json.loads(storage.read_bytes(storage.join(step_dir, MARKER)))
+    src = WeightsSource(os.path.abspath(step_dir), "checkpoint", marker["manifest_sha256"], bool(use_ema),
                         int(manifest.get("step", -1)), manifest.get("run_id"),
                         {"ema_entries": len(ema) if use_ema else 0})
     return state, src
