@@ -132,12 +132,48 @@ def _descendants(pid: int):
     return out
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a torchrun agent and every process below it (its workers run in sessions of their own)."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _start_agents(out: str, ov, extra_args=()):
+    """Two torchrun agents (``--nnodes=1:2``, one worker each) on this machine, logs in ``out/agent_{a,b}.log``."""
+    os.makedirs(out, exist_ok=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test",
+           "--monitor-interval=0.2", *extra_args, "-m", "launcher", "--config", TINY, *ov]
+    agents = []
+    for name in ("a", "b"):
+        log = open(os.path.join(out, f"agent_{name}.log"), "w")
+        # each rendezvous round gets a fresh worker TCPStore: the agents' shared store keeps the dead round's keys
+        # (README "Checkpoints and fault tolerance": elastic restarts)
+        env = child_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        agents.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True))
+        time.sleep(1.0)  # agent a hosts the c10d rendezvous store
+    return agents
+
+
+def _wait_marker(out: str, step: int, agents, timeout: float = 400) -> None:
+    marker = os.path.join(out, "checkpoints", f"step-{step:07d}", MARKER)
+    deadline = time.time() + timeout
+    while not os.path.exists(marker) and time.time() < deadline and all(a.poll() is None for a in agents):
+        time.sleep(0.05)
+    assert os.path.exists(marker), f"the job never reached step {step}"
 
 
 def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
@@ -151,28 +187,10 @@ def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
     _run(2, small_overrides(demo_npz, clean, *common, "train.run_id=elastic"), clean)
 
     out = str(tmp_path / "elastic")
-    os.makedirs(out)
-    ov = small_overrides(demo_npz, out, *common, "train.run_id=elastic")
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=2",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test",
-           "--monitor-interval=0.2", "-m", "launcher", "--config", TINY, *ov]
-    agents = []
-    for name in ("a", "b"):
-        log = open(os.path.join(out, f"agent_{name}.log"), "w")
-        # each rendezvous round gets a fresh worker TCPStore: the agents' shared store keeps the dead round's keys
-        # (README "Checkpoints and fault tolerance": elastic restarts)
-        env = child_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-        agents.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True))
-        time.sleep(1.0)  # agent a hosts the c10d store
+    agents = _start_agents(out, small_overrides(demo_npz, out, *common, "train.run_id=elastic"))
     killed = None
     try:
-        marker = os.path.join(out, "checkpoints", "step-0000003", MARKER)
-        deadline = time.time() + 400
-        while not os.path.exists(marker) and time.time() < deadline and all(a.poll() is None for a in agents):
-            time.sleep(0.05)
-        assert os.path.exists(marker), "the job never reached step 3"
+        _wait_marker(out, 3, agents)
         workers = [p for p in _descendants(agents[1].pid) if "launcher" in _cmdline(p)
                    and "torch.distributed.run" not in _cmdline(p)]
         assert workers, "no worker process under agent b"
@@ -182,7 +200,7 @@ def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
     finally:
         for a in agents:
             if a.poll() is None:
-                os.killpg(a.pid, signal.SIGKILL)
+                _kill_tree(a.pid)
                 a.wait()
     text = "".join(open(os.path.join(out, f"agent_{n}.log"), errors="replace").read() for n in ("a", "b"))
     assert codes == [0, 0], f"agents exited {codes}\n{text[-6000:]}"
@@ -250,3 +268,36 @@ def test_signal_to_one_rank_saves_everywhere_and_requeues(demo_npz, tmp_path):
             assert s > saved[-1]
         saved.append(s)
     assert not os.path.exists(os.path.join(root, "run.lock"))
+
+
+def test_torchrun_elastic_node_loss_resumes_at_smaller_world(demo_npz, tmp_path):
+    """Agent b and its worker are SIGKILLed together (a node dies). The surviving agent re-forms the job at world
+    size 1 (``--nnodes=1:2``), the worker resumes from the newest valid checkpoint of the world-size-2 run (its
+    consumed-samples position and weights), and the job finishes by itself."""
+    steps = 6
+    out = str(tmp_path / "node")
+    ov = small_overrides(demo_npz, out, "parallel.engine=deepspeed", "train.micro_batch_size=4",
+                         f"train.steps={steps}", "checkpoint.every_steps=1", "checkpoint.keep=10",
+                         "train.run_id=node")
+    agents = _start_agents(out, ov, ["--rdzv-conf=last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=2"])
+    try:
+        _wait_marker(out, 2, agents)
+        _kill_tree(agents[1].pid)  # agent b and its worker: the node is gone
+        agents[1].wait()
+        code = agents[0].wait(timeout=400)
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                _kill_tree(a.pid)
+                a.wait()
+    text = open(os.path.join(out, "agent_a.log"), errors="replace").read()
+    assert code == 0, text[-6000:]
+    line = text.split("resumed from ")[1].split("\n")[0]
+    resumed_at = int(line.split(" at step ")[1].split()[0])
+    assert resumed_at >= 2 and "(saved at world size 2, now 1" in line
+    assert f"done: step {steps}" in text
+    first = read_manifest(os.path.join(out, "checkpoints", f"step-{resumed_at:07d}"))
+    last = read_manifest(os.path.join(out, "checkpoints", f"step-{steps:07d}"))
+    assert first["world_size"] == 2 and last["world_size"] == 1
+    parts, _ = load_checkpoint(os.path.join(out, "checkpoints", f"step-{steps:07d}"), parts=["loader"])
+    assert parts["loader"]["consumed_samples"] == resumed_at * 8 + (steps - resumed_at) * 4  # global batch 8, then 4

@@ -44,15 +44,17 @@ def build_state(name: str):
     from simflow.config import load_config
     from simflow.models.discriminator import NLayerDiscriminator
     from simflow.models.simflow import SimFlowModel
-    from simflow.train.trainer import Topology, _build_local_engine, rng_state
+    from simflow.parallel.factory import build_engine
+    from simflow.train.trainer import Topology, rng_state
 
-    cfg = load_config(os.path.join(ROOT, CONFIGS[name]), ["loss.perceptual.weight=0", "loss.repa.enabled=false"])
+    cfg = load_config(os.path.join(ROOT, CONFIGS[name]),
+                      ["loss.perceptual.weight=0", "loss.repa.enabled=false", "parallel.engine=local"])
     topo = Topology()
     torch.manual_seed(0)
-    gen = _build_local_engine(cfg, lambda: SimFlowModel(cfg), "generator", ["flow"], topo)
+    gen = build_engine(cfg, lambda factory=None: SimFlowModel(cfg, factory), "generator", ["flow"], topo)
     g = cfg.loss.gan
-    disc = _build_local_engine(cfg, lambda: NLayerDiscriminator(3, g.ndf, g.n_layers, g.norm), "discriminator", [],
-                               topo)
+    disc = build_engine(cfg, lambda factory=None: NLayerDiscriminator(3, g.ndf, g.n_layers, g.norm), "discriminator",
+                        [], topo)
     for eng in (gen, disc):  # one AdamW step on small random gradients: the moments exist, as in a real run
         for p in eng.module.parameters():
             p.grad = torch.randn_like(p) * 1e-3

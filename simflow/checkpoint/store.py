@@ -289,6 +289,8 @@ def read_manifest(d: str) -> Dict[str, Any]:
     try:
         marker = json.loads(storage.read_bytes(storage.join(d, MARKER)))
     except FileNotFoundError:
+        if not storage.exists(d):
+            raise CheckpointError(f"{d}: no such checkpoint directory") from None
         raise CheckpointError(f"{d}: no commit marker (the write was interrupted)") from None
     except (ValueError, OSError) as e:
         raise CheckpointError(f"{d}: commit marker unreadable: {e}") from None
