@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paper's variant study (method §10.3) at small scale on the demo data, in one command (issue 8 item 2).
 
-    python tools/ablate.py --budget 600                 # all variants + the posterior_std sweep, 2 seeds for the top 2
+    python tools/ablate.py --budget 200 --deadline-min 40   # all variants + std sweep, 2 seeds for the top 2 (docs/)
     python tools/ablate.py --budget 3 --num-samples 40 --num-heldout 40 --out /tmp/abl --md /tmp/abl/ablation.md \\
         --png /tmp/abl/ablation.png                     # smoke run
 
@@ -46,12 +46,13 @@ from simflow.eval.demo_features import DEFAULT_WEIGHTS, DemoFashionFeatures  # n
 
 
 def git_commit() -> str:
-    """HEAD commit, with ``+dirty`` when tracked files differ from it."""
+    """HEAD commit, with ``+dirty`` when the code or configs (``simflow/``, ``tools/``, ``configs/``) differ from it
+    (files elsewhere, e.g. other people's tests, do not change what this study computes)."""
     try:
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--",
+                                "simflow", "tools", "configs"], capture_output=True, text=True, timeout=10).stdout.strip()
         return (head or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -78,7 +79,7 @@ def ensure_reference(test_npz: str, extractor_weights: str, path: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=int, default=600, help="training steps per stage (equal for every variant)")
+    p.add_argument("--budget", type=int, default=200, help="training steps per stage (equal for every variant)")
     p.add_argument("--seed", type=int, default=0, help="training seed of the first pass")
     p.add_argument("--extra-seeds", default="1", help="comma list of further seeds for the --top best variants")
     p.add_argument("--top", type=int, default=2, help="how many main variants get the extra seeds")
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     argv_list = list(argv) if argv is not None else sys.argv[1:]
     t0 = time.time()
+    commit = git_commit()  # the code this run executes (workers import it at start)
     for name in ("budget", "num_samples", "num_heldout", "jobs", "threads"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}", file=sys.stderr)
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
     def report():
         meta = {
             "command": "python tools/ablate.py " + " ".join(shlex.quote(a) for a in argv_list),
-            "commit": git_commit(),
+            "commit": commit,
             "steps": args.budget,
             "batch_size": _batch_size(plan[0].config, args.override),
             "seeds": sorted({r["seed"] for r in results}),
