@@ -49,6 +49,7 @@ def join(location: str, *names: str) -> str:
 
 
 def basename(location: str) -> str:
+    """Last path component of a location (``step-0000100`` of ``s3://b/run/step-0000100``)."""
     return posixpath.basename(location.rstrip("/")) if "://" in location else os.path.basename(os.path.normpath(location))
 
 
@@ -119,17 +120,20 @@ def write_bytes(location: str, data: bytes) -> str:
 
 
 def read_bytes(location: str) -> bytes:
+    """Whole content of a file. Raises FileNotFoundError when it does not exist."""
     fs, path = split(location)
     with fs.open(path, "rb") as f:
         return f.read()
 
 
 def exists(location: str) -> bool:
+    """True if a file or directory (S3: any object under the prefix) exists at ``location``."""
     fs, path = split(location)
     return fs.exists(path)
 
 
 def size(location: str) -> int:
+    """Size of a file in bytes. Raises FileNotFoundError when it does not exist."""
     fs, path = split(location)
     return int(fs.size(path))
 
@@ -161,6 +165,7 @@ def rmtree(location: str) -> None:
 
 
 def remove(location: str) -> None:
+    """Delete one file; missing is fine."""
     fs, path = split(location)
     try:
         fs.rm_file(path)

@@ -65,10 +65,12 @@ def step_dir(root: str, step: int) -> str:
 
 
 def shard_name(rank: int, world: int) -> str:
+    """File name of rank ``rank``'s share of the shared state in a ``world``-rank checkpoint."""
     return f"shard-{rank:05d}-of-{world:05d}.pt"
 
 
 def rng_name(rank: int) -> str:
+    """File name of rank ``rank``'s RNG states."""
     return f"rng-{rank:05d}.pt"
 
 
