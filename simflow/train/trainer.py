@@ -252,6 +252,11 @@ class Trainer:
         err = group.broadcast(err)
         if err is not None:
             raise (RunLockError if err[0] else CheckpointError)(err[1])
+        if (group.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0):
+            log.warning("torchrun shares its rendezvous TCPStore with the workers: after a worker restart it still "
+                        "holds the failed round's keys and the restarted workers can hang in init_process_group "
+                        "(pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
         installed = boundary.flag.install()
         watchdog = Watchdog(self.cfg.checkpoint.watchdog_s).start()
         try:
