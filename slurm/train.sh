@@ -190,6 +190,9 @@ role_batch() {
   (( SIMFLOW_MIN_NODES >= 1 && SIMFLOW_MIN_NODES <= nodes )) || die "SIMFLOW_MIN_NODES=$SIMFLOW_MIN_NODES must be in [1, $nodes] (the job's node count)"
   # A dead peer must surface as an error (then torchrun restarts the survivors), not as a hang.
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+  # A fresh TCP store per rendezvous round: restarted workers otherwise read the dead round's keys and can hang in
+  # init_process_group (pytorch/pytorch#135712).
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
   mkdir -p "$SIMFLOW_EXIT_DIR" || die "cannot create $SIMFLOW_EXIT_DIR"
   rm -f "$SIMFLOW_EXIT_DIR"/*
 
