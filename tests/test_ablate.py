@@ -161,7 +161,7 @@ def test_ordering_verdict_and_noise_note():
              _result("c", 1, 12.5, 7.5), _result("d", 0, 20.0, 9.0), _result("b", 0, 30.0, 9.0),
              _result("a_std1", 0, 1.0, 1.0, group="sweep")]
     rows = summarise(paper)
-    assert [r["variant"] for r in rows] == ["a", "c", "d", "b", "a_std1"]
+    assert [r["variant"] for r in rows] == ["a", "b", "c", "d", "a_std1"]
     assert rows[0]["gfid0"] == [10.0, 11.0] and rows[0]["seeds"] == [0, 1]
     names, verdict = ordering_verdict(rows)
     assert names == ["a", "c", "d", "b"]  # the sweep row does not enter the ranking

@@ -228,10 +228,25 @@ def main(argv=None) -> int:
                     else:
                         finished(t, r)
 
+    # Every invocation on this run folder (a first run, resumes) is recorded, so the report's wall time and commits
+    # cover all of them.
+    run_log = os.path.join(out, "run.json")
+    invocations = []
+    if os.path.isfile(run_log):
+        with open(run_log) as f:
+            invocations = json.load(f)["invocations"]
+    invocations.append({"command": "python tools/ablate.py " + " ".join(shlex.quote(a) for a in argv_list),
+                        "commit": ", ".join(dict.fromkeys(i["commit"] for i in invocations)), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)),
+                        "seconds": 0.0})
+
     def report():
+        invocations[-1]["seconds"] = round(time.time() - t0, 1)
+        with open(run_log + ".tmp", "w") as f:
+            json.dump({"invocations": invocations}, f, indent=2)
+        os.replace(run_log + ".tmp", run_log)
         meta = {
             "command": "python tools/ablate.py " + " ".join(shlex.quote(a) for a in argv_list),
-            "commit": commit,
+            "commit": ", ".join(dict.fromkeys(i["commit"] for i in invocations)),
             "steps": args.budget,
             "batch_size": _batch_size(plan[0].config, args.override),
             "seeds": sorted({r["seed"] for r in results}),
@@ -242,7 +257,9 @@ def main(argv=None) -> int:
             "cfg_mode": "deep_only",
             "jobs": args.jobs,
             "threads": args.threads,
-            "wall_seconds": time.time() - t0,
+            "wall_seconds": sum(i["seconds"] for i in invocations),
+            "invocations": invocations,
+            "run_dir": out,
             "extractor": extractor,
             "missing": missing,
             "real_floor": real_floor,

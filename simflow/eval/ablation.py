@@ -382,7 +382,7 @@ def _fmt(values: Sequence[float], digits: int = 2) -> str:
 
 
 def summarise(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Group results by variant (in order of first appearance) and average over seeds.
+    """Group results by variant (main variants first, then the sweep, each by name) and list per-seed values.
 
     Returns:
         one dict per variant: ``variant``, ``label``, ``group``, ``seeds``, and lists of per-seed values
@@ -404,7 +404,7 @@ def summarise(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
                          ("prec0", s0.get("demo_precision")), ("rec0", s0.get("demo_recall")),
                          ("train_s", r["train_seconds"])):
             row.setdefault(key, []).append(val)
-    return list(rows.values())
+    return sorted(rows.values(), key=lambda r: (r["group"] != "main", r["variant"]))
 
 
 def ordering_verdict(rows: Sequence[Dict[str, Any]]) -> Tuple[List[str], str]:
@@ -502,6 +502,35 @@ def plot_results(rows: Sequence[Dict[str, Any]], path: str) -> str:
     return path
 
 
+def plot_samples(rows: Sequence[Dict[str, Any]], run_dir: str, path: str, seed: int = 0) -> Optional[str]:
+    """One panel per variant: the ``samples_cfg0.png`` grid (no guidance; rows of one sample per class) of its run
+    with training seed ``seed`` under ``run_dir/<variant>/seed<seed>/``. Returns ``path``, or None when no grid
+    exists."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    grids = [(r["variant"], r["label"], os.path.join(run_dir, r["variant"], f"seed{seed}", "samples_cfg0.png"))
+             for r in rows]
+    grids = [g for g in grids if os.path.isfile(g[2])]
+    if not grids:
+        return None
+    cols = min(4, len(grids))
+    nrows = (len(grids) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.2 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, label, p) in zip(axes.flat, grids):
+        ax.imshow(mpimg.imread(p), interpolation="nearest")
+        ax.set_title(f"{name}: {label}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def write_report(results: Sequence[Dict[str, Any]], md_path: str, png_path: str, meta: Dict[str, Any]) -> str:
     """Write the markdown table (with the command, seeds, commit and the ordering verdict) and the plot.
 
@@ -510,7 +539,8 @@ def write_report(results: Sequence[Dict[str, Any]], md_path: str, png_path: str,
         md_path / png_path: outputs.
         meta: ``command``, ``commit``, ``steps``, ``num_samples``, ``num_heldout``, ``cfg_scales``, ``seeds``,
             ``wall_seconds``, ``extractor`` (describe()), ``notes`` (list of strings), ``missing`` (tasks that did
-            not finish), ``real_floor`` (:func:`score_samples` of real training images, or absent).
+            not finish), ``real_floor`` (:func:`score_samples` of real training images, or absent), ``run_dir``
+            (the run folder: adds a figure of each variant's samples, ``<png>_samples.png``), ``invocations``.
 
     Returns:
         ``md_path``.
@@ -543,7 +573,9 @@ def write_report(results: Sequence[Dict[str, Any]], md_path: str, png_path: str,
         f"- feature network: `{ex.get('weights', '')}` (sha256 `{ex.get('weights_sha256', '')}`, test accuracy "
         f"{ex.get('test_accuracy')})",
         f"- wall time of the whole run: {meta.get('wall_seconds', 0) / 60:.1f} min with {meta.get('jobs')} "
-        f"parallel jobs x {meta.get('threads')} thread(s) on a shared 2-core CPU machine",
+        f"parallel jobs x {meta.get('threads')} thread(s) on a shared 2-core CPU machine"
+        + (f" ({len(meta['invocations'])} invocations of the command: first run and resumes)"
+           if len(meta.get("invocations", [])) > 1 else ""),
         "",
         "| variant | what | seeds | PSNR (dB) | demo-rFID | NLL (bits/dim) | posterior std | demo-gFID no CFG | "
         "demo-gFID best CFG (w) | class acc. no CFG / CFG | demo-IS no CFG | prec / rec no CFG | train wall (s) |",
@@ -581,6 +613,11 @@ def write_report(results: Sequence[Dict[str, Any]], md_path: str, png_path: str,
         f"![ablation plot]({os.path.basename(png_path)})",
         "",
     ]
+    if meta.get("run_dir"):
+        grid_png = os.path.splitext(png_path)[0] + "_samples.png"
+        if plot_samples(rows, meta["run_dir"], grid_png):
+            lines += ["Samples without guidance (seed 0; each row has one sample per class, in class order):", "",
+                      f"![samples]({os.path.basename(grid_png)})", ""]
     for n in meta.get("notes", []):
         lines.append(f"- {n}")
     if meta.get("missing"):
@@ -604,5 +641,6 @@ __all__ = [
     "ordering_verdict",
     "noise_note",
     "plot_results",
+    "plot_samples",
     "write_report",
 ]
