@@ -222,12 +222,15 @@ def test_ablate_smoke_end_to_end(demo, small_feature_net, tmp_path):
     assert "not Inception FID" in text.replace("**", "") and "| a |" in text and "| d |" in text
     assert "Paper ordering a (E2E fixed var) < c (E2E noise) < d (frozen VAE)" in text
     assert "Floor (no model): the first 20 real training images" in text
-    assert png.stat().st_size > 10_000
+    assert png.stat().st_size > 10_000 and (tmp_path / "docs" / "ablation_samples.png").stat().st_size > 10_000
     stamp = {p: p.stat().st_mtime for p in out.glob("*/seed*/result.json")}
     t0 = time.time()
     assert tool.main(argv) == 0  # everything on disk: no training, no sampling
     assert time.time() - t0 < 60
     assert {p: p.stat().st_mtime for p in out.glob("*/seed*/result.json")} == stamp
+    runs = json.load(open(out / "run.json"))["invocations"]
+    assert len(runs) == 2 and runs[0]["commit"] == runs[1]["commit"] and runs[1]["seconds"] < runs[0]["seconds"]
+    assert "produced by the following invocations" in md.read_text()
     assert tool.main(argv[:1] + ["0"] + argv[2:]) == 2  # --budget 0 refused
     with pytest.raises(SystemExit):
         tool.main(["--budget", "x"])

@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         with open(run_log) as f:
             invocations = json.load(f)["invocations"]
     invocations.append({"command": "python tools/ablate.py " + " ".join(shlex.quote(a) for a in argv_list),
-                        "commit": ", ".join(dict.fromkeys(i["commit"] for i in invocations)), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)),
+                        "commit": commit, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)),
                         "seconds": 0.0})
 
     def report():

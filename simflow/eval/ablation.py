@@ -556,12 +556,20 @@ def write_report(results: Sequence[Dict[str, Any]], md_path: str, png_path: str,
         "classifier (`simflow/eval/demo_features.py`), **not Inception FID**, and not comparable with the paper's "
         "numbers; only the ordering and the gaps between variants can be compared.",
         "",
-        "Produced by:",
+        "Reproduce with (from scratch this trains and evaluates every row below; finished tasks in the run folder are "
+        "read back from disk instead):",
         "",
         "```",
         meta.get("command", ""),
         "```",
         "",
+    ]
+    if len(meta.get("invocations", [])) > 1:
+        lines += ["These numbers were produced by the following invocations on the same run folder:", ""]
+        lines += [f"{i + 1}. `{inv['command']}` at commit `{inv['commit']}`, started {inv['started']}, "
+                  f"{inv['seconds'] / 60:.1f} min" for i, inv in enumerate(meta["invocations"])]
+        lines.append("")
+    lines += [
         f"- commit: `{meta.get('commit', 'unknown')}`",
         f"- training steps per stage: {meta.get('steps')} (global batch {meta.get('batch_size')}); variant d also "
         f"pretrains its VAE for the same number of steps first (its wall time includes both stages)",
