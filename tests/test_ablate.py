@@ -166,6 +166,13 @@ def test_ordering_verdict_and_noise_note():
     names, verdict = ordering_verdict(rows)
     assert names == ["a", "c", "d", "b"]  # the sweep row does not enter the ranking
     assert "HOLDS" in verdict and "ranks 4 of 4" in verdict
+    assert "a < c in every seed (ranges [10.0, 11.0] and [12.0, 12.5] do not overlap)" in verdict
+    assert "c vs d: one seed only" in verdict
+    assert "a vs c within seed noise (ranges [5.0, 6.0] and [7.0, 7.5] overlap)" not in verdict
+    flipped = summarise([_result("a", 0, 13.0, 5.0), _result("a", 1, 14.0, 5.0), _result("c", 0, 12.0, 5.0),
+                         _result("c", 1, 13.5, 5.0), _result("d", 0, 9.0, 5.0), _result("d", 1, 10.0, 5.0)])
+    _, v2 = ordering_verdict(flipped)
+    assert "a vs c within seed noise" in v2 and "d < a in every seed, AGAINST the paper" in v2
     note = noise_note(rows)
     assert "spread 1.00" in note and "Gap between a and c (no CFG): 1.75, larger" in note
     names, verdict = ordering_verdict(summarise([_result("a", 0, 15.0, 5.0), _result("c", 0, 12.0, 5.0),
