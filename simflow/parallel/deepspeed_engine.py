@@ -58,8 +58,7 @@ import torch.distributed as dist
 from torch import nn
 
 from simflow.config import SimFlowConfig, global_batch_size
-from simflow.parallel.engine import Engine, lr_at
-from simflow.parallel.factory import optimizer_settings
+from simflow.parallel.engine import Engine, lr_at, optimizer_settings
 from simflow.parallel.mpu import MegatronMPU
 from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
 

@@ -26,6 +26,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from simflow.config import SimFlowConfig
+
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str, total_steps: int, min_lr: float) -> float:
     """Learning rate at optimizer step ``step`` (0-based): linear warmup from 0 to ``base_lr`` over
@@ -40,6 +42,27 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str, total_ste
         progress = min(1.0, (step - warmup_steps) / span)
         return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"optim.schedule={schedule!r}: must be 'constant' or 'cosine'")
+
+
+def optimizer_settings(cfg: SimFlowConfig, role: str) -> Dict[str, object]:
+    """AdamW and LR-schedule settings for ``role`` (``"generator"`` or ``"discriminator"``), shared by both engines:
+    the generator uses ``optim.lr``/``optim.betas``, the discriminator ``optim.disc_lr``/``optim.disc_betas``; both
+    use ``weight_decay``, ``eps``, ``grad_clip`` and the warmup/decay schedule of :func:`lr_at` (method §8)."""
+    if role not in ("generator", "discriminator"):
+        raise ValueError(f"engine role must be 'generator' or 'discriminator', got {role!r}")
+    o = cfg.optim
+    gen = role == "generator"
+    return dict(
+        lr=o.lr if gen else o.disc_lr,
+        betas=tuple(o.betas if gen else o.disc_betas),
+        weight_decay=o.weight_decay,
+        eps=o.eps,
+        grad_clip=o.grad_clip,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        total_steps=cfg.train.steps,
+        min_lr=o.min_lr,
+    )
 
 
 class Engine:

@@ -6,33 +6,12 @@ The trainer passes a *constructor* rather than a module so that the DeepSpeed en
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
 from simflow.config import SimFlowConfig
-from simflow.parallel.engine import Engine, LocalEngine
-
-
-def optimizer_settings(cfg: SimFlowConfig, role: str) -> Dict[str, object]:
-    """AdamW and LR-schedule settings for ``role`` (``"generator"`` or ``"discriminator"``), shared by both engines:
-    the generator uses ``optim.lr``/``optim.betas``, the discriminator ``optim.disc_lr``/``optim.disc_betas``; both
-    use ``weight_decay``, ``eps``, ``grad_clip`` and the warmup/decay schedule of :func:`lr_at` (method §8)."""
-    if role not in ("generator", "discriminator"):
-        raise ValueError(f"engine role must be 'generator' or 'discriminator', got {role!r}")
-    o = cfg.optim
-    gen = role == "generator"
-    return dict(
-        lr=o.lr if gen else o.disc_lr,
-        betas=tuple(o.betas if gen else o.disc_betas),
-        weight_decay=o.weight_decay,
-        eps=o.eps,
-        grad_clip=o.grad_clip,
-        warmup_steps=o.warmup_steps,
-        schedule=o.schedule,
-        total_steps=cfg.train.steps,
-        min_lr=o.min_lr,
-    )
+from simflow.parallel.engine import Engine, LocalEngine, optimizer_settings
 
 
 def build_engine(
@@ -83,4 +62,4 @@ def build_engine(
     )
 
 
-__all__ = ["build_engine", "optimizer_settings"]
+__all__ = ["build_engine"]
