@@ -29,7 +29,7 @@ def sample_noise(model, seed: int, indices: torch.Tensor) -> torch.Tensor:
 
 
 def sample_labels(num_classes: int, seed: int, indices: torch.Tensor) -> torch.Tensor:
-    """Uniform random class labels per sample index (ADM/REPA-E FID protocol, method §9): (B,) int64."""
+    """Uniform random class labels per sample index (i.i.d., as DiT and REPA sample; method §9): (B,) int64."""
     return per_sample_randint(num_classes, seed, indices, STREAM_SAMPLE_LABEL)
 
 
@@ -48,8 +48,9 @@ def sample_images(model, indices: torch.Tensor, labels: torch.Tensor, cfg: Sampl
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) as ``uint8(clamp(127.5 x + 128, 0, 255))``, the convention of
-    the DiT / REPA-E ``sample_ddp.py`` scripts whose NPZ files the ADM evaluator scores (method §9)."""
+    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) as ``uint8(clamp(127.5 x + 128, 0, 255))``: DiT's
+    ``sample_ddp.py`` form, i.e. 127.5 (x + 1) rounded to the nearest level (ADM's and REPA-E's scripts truncate
+    ``(x + 1) * 127.5`` instead, one level lower on half the inputs); why we keep rounding: method §9."""
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 

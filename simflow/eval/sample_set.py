@@ -24,8 +24,8 @@ partial or corrupt ones; a part made with other settings (weights, CFG, seed, N,
 NPZ files are written with fixed zip timestamps, so identical content gives byte-identical files.
 
 Quantisation (:func:`simflow.sampling.to_uint8`): ``uint8(clamp(127.5 x + 128, 0, 255))`` of decoded images
-``x`` clamped to [-1, 1], the convention of the DiT / REPA-E ``sample_ddp.py`` scripts whose ``.npz`` files the ADM
-evaluator scores (method §9).
+``x`` clamped to [-1, 1]: DiT's ``sample_ddp.py`` form (nearest level), not the truncation of ADM's and REPA-E's
+sampling scripts; the ``.npz`` is scored by the ADM evaluator (method §9).
 """
 
 from __future__ import annotations
