@@ -17,7 +17,7 @@ Implementations:
   key it produces, so demo numbers cannot be mistaken for Inception FIDs.
 
 Input checking (:func:`check_images`) rejects anything but uint8 channels-last RGB with a message that says what was
-expected and how to convert (ADM quantisation ``clamp(127.5 x + 128, 0, 255)`` for images ``x`` in [-1, 1]).
+expected and how to convert (DiT quantisation ``clamp(127.5 x + 128, 0, 255)`` for images ``x`` in [-1, 1]).
 """
 
 from __future__ import annotations
