@@ -10,8 +10,9 @@ Heavy dependencies (DeepSpeed, megatron-core) are imported by those modules only
 import warnings
 
 # Known, harmless notices that would otherwise repeat on every rank (and, for the second, on every step):
-# megatron-core runs without Apex / Transformer Engine by design (shared/stack-notes.md), and DeepSpeed 0.19.8 calls
-# the torch collectives that torch 2.14 marks as deprecated aliases.
+# megatron-core runs without Apex / Transformer Engine by design (apex is not on PyPI and TE needs CUDA; megatron-core's
+# local layers cover what we use), and DeepSpeed 0.19.8 calls the torch collectives that torch 2.14 marks as
+# deprecated aliases.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
 warnings.filterwarnings(
     "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",

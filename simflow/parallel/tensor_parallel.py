@@ -18,8 +18,9 @@ fp32 master weight on every rank, applies ``init_method`` to it exactly once and
 same ``init_fn`` to its full weight exactly once. So, given the same seed, every layer consumes the CPU RNG
 identically for TP = 1, 2, 4, ... and the concatenated slices equal the TP = 1 weight bit for bit.
 
-Constraints (megatron-core on CPU, see ``shared/stack-notes.md``): no sequence parallelism, no ``gather_output``,
-``gradient_accumulation_fusion=False``; the TP group comes from megatron-core ``parallel_state``.
+Constraints (megatron-core 0.16 on CPU): no sequence parallelism (it needs Apex / Transformer Engine LayerNorm) and no
+``gather_output=True`` (both allocate on ``torch.cuda.current_device()``), ``gradient_accumulation_fusion=False``
+(a fused CUDA kernel); the TP group comes from megatron-core ``parallel_state``.
 """
 
 from __future__ import annotations
