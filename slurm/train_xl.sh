@@ -1,6 +1,6 @@
 #!/bin/bash
-# SimFlow XL (the paper's 1.4B-parameter flow, ImageNet 256x256; configs/xl.yaml) on 2 nodes x 8 GPUs with DeepSpeed
-# ZeRO-3: global batch 256 = micro-batch 16 x 16 GPUs.
+# SimFlow XL (the paper's model: 1.36B flow + 70M VAE, ImageNet 256x256; configs/xl.yaml) on 2 nodes x 8 GPUs
+# with DeepSpeed ZeRO-3: global batch 256 = micro-batch 16 x 16 GPUs.
 #
 #   sbatch slurm/train_xl.sh [key=value ...]
 #   sbatch slurm/train_xl.sh data.path=s3://my-bucket/imagenet-256/train loss.perceptual.weights=/models/vgg16.pth
