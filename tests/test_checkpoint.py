@@ -23,16 +23,14 @@ import torch
 from ckpt_helpers import ROOT, TINY, child_env, small_overrides, weights_of
 from simflow.checkpoint import storage
 from simflow.checkpoint.lock import RunLock, RunLockError, pid_start_time
+from simflow.checkpoint.sharded import flat_range_boxes, zero3_range
 from simflow.checkpoint.store import (
     MARKER,
     CheckpointError,
-    assign,
     find_latest_with_report,
-    flatten,
     list_steps,
     load_checkpoint,
     save_checkpoint,
-    unflatten,
     verify,
 )
 from simflow.config import ConfigError, load_config
@@ -63,26 +61,30 @@ def cfg_for(demo_npz, out, *extra):
 
 # ----------------------------------------------------------------------------------------------------------------
 # format
-def test_flatten_roundtrip_and_balanced_plan(tmp_path):
-    state = {"a": {"w": torch.arange(12.0).view(3, 4)[:, 1], "n": 3, "t": (1.5, None, "x")},
-             "opt": {0: {"exp_avg": torch.ones(5)}, 1: {"exp_avg": torch.zeros(7, dtype=torch.float64)}},
-             "l": [torch.tensor(2), "s"]}
-    skel, tensors = flatten(state)
-    assert set(tensors) == {"a/w", "opt/0/exp_avg", "opt/1/exp_avg", "l/0"}
-    assert tensors["a/w"].untyped_storage().nbytes() == 3 * 4  # the view was copied, not its 12-element base
-    back = unflatten(skel, tensors)
-    assert torch.equal(back["a"]["w"], torch.tensor([1.0, 5.0, 9.0])) and back["a"]["t"] == (1.5, None, "x")
-    assert back["opt"][1]["exp_avg"].dtype == torch.float64 and back["l"][1] == "s"
-    sizes = {f"k{i}": torch.zeros(n) for i, n in enumerate([100, 60, 50, 40, 10, 5])}
-    plan = assign(sizes, 3)
-    assert plan == [["k0"], ["k1", "k4", "k5"], ["k2", "k3"]]  # 100 | 75 | 90 elements
-    # a round trip through storage keeps values, dtypes and structure
-    d = save_checkpoint(str(tmp_path / "c"), 7, {"x": state}, {"run_id": "r"})
+def test_flat_range_boxes_and_single_process_roundtrip(tmp_path):
+    # a ZeRO-3 range of a row-major tensor is a few rectangles, in flat order (hand-worked: shape (3, 4), [2, 11))
+    assert flat_range_boxes((3, 4), 2, 11) == [((0, 2), (1, 2)), ((1, 0), (1, 4)), ((2, 0), (1, 3))]
+    assert flat_range_boxes((3, 4), 4, 12) == [((1, 0), (2, 4))] and flat_range_boxes((5,), 3, 3) == []
+    full = torch.arange(2 * 3 * 5).view(2, 3, 5)
+    for a, b in [(0, 30), (1, 29), (7, 8), (4, 21), (15, 30)]:
+        boxes = flat_range_boxes(full.shape, a, b)
+        got = torch.cat([full[tuple(slice(o, o + n) for o, n in zip(off, sz))].reshape(-1) for off, sz in boxes])
+        assert torch.equal(got, torch.arange(a, b)) and len(boxes) <= 5
+    assert [zero3_range(5, r, 4) for r in range(4)] == [(0, 2), (2, 4), (4, 5), (5, 5)]  # ceil(5/4) = 2 per rank
+    # full tensors in one process: values, dtypes and structure survive; the manifest lists every file
+    gen = {"module": {"w": torch.randn(3, 4), "n": torch.tensor(3)}, "ema": {"w": torch.ones(3, 4)},
+           "optimizer": {"state": {"w": {"exp_avg": torch.ones(3, 4), "exp_avg_sq": torch.zeros(3, 4),
+                                         "step": torch.tensor(7.0)}}}, "steps": 7}
+    d = save_checkpoint(str(tmp_path / "c"), 7, {"generator": gen, "loader": {"consumed_samples": 28}}, {"run_id": "r"})
     parts, manifest = load_checkpoint(d)
-    assert manifest["step"] == 7 and manifest["world_size"] == 1
-    assert torch.equal(parts["x"]["opt"][1]["exp_avg"], state["opt"][1]["exp_avg"])
+    assert manifest["step"] == 7 and manifest["world_size"] == 1 and manifest["format"] == "simflow-checkpoint/3"
+    assert {"common.json", ".metadata", "__0_0.distcp"} <= set(manifest["files"])
+    g = parts["generator"]
+    assert torch.equal(g["module"]["w"], gen["module"]["w"]) and g["module"]["n"].dtype == torch.int64
+    assert torch.equal(g["optimizer"]["state"]["w"]["exp_avg"], torch.ones(3, 4)) and g["steps"] == 7
+    assert parts["loader"] == {"consumed_samples": 28}
     with pytest.raises(CheckpointError, match="no part"):
-        load_checkpoint(d, parts=["generator"])
+        load_checkpoint(d, parts=["discriminator"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_truncated_and_corrupt_steps_are_skipped_with_reason(tmp_path, demo_npz,
     root = os.path.join(tmp_path, "checkpoints")
     assert [s for s, _ in list_steps(root)] == [2, 4, 6]
     s6, s4 = os.path.join(root, "step-0000006"), os.path.join(root, "step-0000004")
-    shard = os.path.join(s6, "shard-00000-of-00001.pt")
+    shard = os.path.join(s6, "__0_0.distcp")
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     with open(os.path.join(s4, "rng-00000.pt"), "r+b") as f:  # same size, one byte flipped
@@ -128,7 +130,7 @@ def test_truncated_and_corrupt_steps_are_skipped_with_reason(tmp_path, demo_npz,
         f.write(bytes([b[0] ^ 0xFF]))
     d, skipped = find_latest_with_report(root)
     assert d == os.path.join(root, "step-0000002")
-    assert skipped[0][0] == s6 and "truncated" in skipped[0][1] and "shard-00000-of-00001.pt" in skipped[0][1]
+    assert skipped[0][0] == s6 and "truncated" in skipped[0][1] and "__0_0.distcp" in skipped[0][1]
     assert skipped[1][0] == s4 and "sha256 mismatch" in skipped[1][1] and "rng-00000.pt" in skipped[1][1]
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(s6)
@@ -256,7 +258,7 @@ def test_save_and_resume_on_s3(tmp_path, demo_npz, s3_bucket):
     wa, wb = weights_of(ref), weights_of(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # a truncated object on S3 is skipped like a local one
-    shard = f"{url}/step-0000006/shard-00000-of-00001.pt"
+    shard = f"{url}/step-0000006/__0_0.distcp"
     storage.write_bytes(shard, storage.read_bytes(shard)[:100])
     d, skipped = find_latest_with_report(url)
     assert d == f"{url}/step-0000004" and "truncated" in skipped[0][1]
