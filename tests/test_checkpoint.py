@@ -357,3 +357,71 @@ def test_watchdog_forces_exit_when_a_collective_hangs(tmp_path):
     text = err.decode()
     assert "watchdog: rank" in text and "no progress for" in text and "all_reduce" in text  # stack of the hang
     assert waited < 60
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the previous format
+def _write_v2_step(root: str, step: int, parts: dict, meta: dict) -> str:
+    """A ``simflow-checkpoint/2`` step as the previous code wrote it: tensors replaced by placeholders in
+    ``common.pt``, all tensors in one ``shard-00000-of-00001.pt``, manifest with sha256s, marker naming its hash."""
+    import hashlib
+    import io
+
+    tensors = {}
+
+    def walk(x, path):
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().clone()
+            return {"__tensor__": path}
+        if isinstance(x, dict):
+            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v, f"{path}/{i}") for i, v in enumerate(x))
+        return x
+
+    skeleton = walk(parts, "")
+    d = os.path.join(root, f"step-{step:07d}")
+    os.makedirs(d)
+    files = {}
+    for name, obj in [("shard-00000-of-00001.pt", tensors),
+                      ("common.pt", {"skeleton": skeleton, "index": {k: "shard-00000-of-00001.pt" for k in tensors}})]:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        open(os.path.join(d, name), "wb").write(buf.getvalue())
+        files[name] = {"bytes": len(buf.getvalue()), "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    text = json.dumps({**meta, "format": "simflow-checkpoint/2", "step": step, "world_size": 1, "rng_files": False,
+                       "parts": sorted(parts), "files": files}).encode()
+    open(os.path.join(d, "manifest.json"), "wb").write(text)
+    open(os.path.join(d, MARKER), "w").write(json.dumps({"step": step, "manifest_sha256":
+                                                          hashlib.sha256(text).hexdigest()}))
+    return d
+
+
+def test_old_format_is_refused_naming_the_converter_which_converts_it(tmp_path, demo_npz):
+    """A run directory holding a ``simflow-checkpoint/2`` step is refused (never silently restarted) with the
+    format and the converter command; the converted step resumes the run with the losses of an uninterrupted one."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from convert_checkpoint import main as convert_main
+
+    ref = Trainer(cfg_for(demo_npz, tmp_path / "ref", "train.steps=4", "checkpoint.every_steps=0"))
+    ref.fit()
+    a = Trainer(cfg_for(demo_npz, tmp_path / "old", "train.steps=2", "checkpoint.every_steps=0",
+                        "checkpoint.resume=false", "checkpoint.dir=" + str(tmp_path / "scratch")))
+    a.fit()
+    from simflow.config import to_dict
+
+    parts = {"generator": a.gen.state_dict(), "discriminator": a.disc.state_dict(),
+             "loader": a.loader.state_dict(), "trainer": {"step": 2}}
+    old_root = str(tmp_path / "old" / "checkpoints")
+    src = _write_v2_step(old_root, 2, parts, {"run_id": "old", "config": to_dict(a.cfg)})
+    with pytest.raises(CheckpointError, match=r"format 'simflow-checkpoint/2'.*python tools/convert_checkpoint\.py"):
+        Trainer(cfg_for(demo_npz, tmp_path / "old", "train.steps=4", "checkpoint.every_steps=0")).fit()
+    new_root = str(tmp_path / "old" / "checkpoints-v3")
+    assert convert_main([src, new_root]) == 0
+    assert verify(os.path.join(new_root, "step-0000002"))[0]
+    b = Trainer(cfg_for(demo_npz, tmp_path / "old", "train.steps=4", "checkpoint.every_steps=0",
+                        f"checkpoint.dir={new_root}", "train.run_id=old"))
+    b.fit()
+    assert b.resume_report["loaded"] == os.path.join(new_root, "step-0000002")
+    assert [h["loss"] for h in a.history + b.history] == [h["loss"] for h in ref.history]
+    assert convert_main([os.path.join(new_root, "step-0000002"), str(tmp_path / "x")]) == 2  # not a v2 step

@@ -228,6 +228,8 @@ class Checkpointer:
                 else (None, [])
             found, newer = self.ctl.broadcast((found, newer))
             for d, why in newer:
+                if why.startswith("format 'simflow-checkpoint/2'"):  # never silently start over past an old step
+                    raise CheckpointError(f"{d}: {why}")
                 if self.ctl.rank == 0:
                     log.warning("skipping checkpoint %s: %s", d, why)
             skipped += newer

@@ -29,13 +29,15 @@ Loading never unpickles objects: DCP tensors and RNG files through ``torch.load(
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -233,13 +235,24 @@ def _record(d: str, files: Dict[str, Dict[str, Any]], name: str) -> Dict[str, An
     return files[name]
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns on every single-process call (``no_dist``) and on every S3 stream it cannot fsync (s3fs objects
+    become visible only when complete, which the commit protocol relies on instead)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="fsync not supported")
+        yield
+
+
 def write_tensors(d: str, tensors: Dict[str, torch.Tensor], group: Group) -> Dict[str, Dict[str, Any]]:
     """Collective over ``group``: ``dcp.save`` of this rank's tensors (plain tensors or
     :class:`~simflow.checkpoint.sharded.FlatShard` chunks) into ``d``; then each rank hashes its own files
     (streamed). Returns this rank's file records ``{name: {"bytes", "sha256"}}`` (rank 0's include ``.metadata``)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(tensors, storage_writer=_writer(d), process_group=group.pg, no_dist=not group.on)
+    with _quiet():
+        dcp.save(tensors, storage_writer=_writer(d), process_group=group.pg, no_dist=not group.on)
     return own_files(d, group.rank)
 
 
@@ -263,8 +276,9 @@ def read_tensors(d: str, targets: Dict[str, torch.Tensor], files: Dict[str, Dict
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(targets, storage_reader=_verifying_reader(d, files, stats), process_group=group.pg,
-                 no_dist=not group.on)
+        with _quiet():
+            dcp.load(targets, storage_reader=_verifying_reader(d, files, stats), process_group=group.pg,
+                     no_dist=not group.on)
     except CheckpointException as e:
         causes = [f"rank {r}: {type(x).__name__}: {x}" for r, x in getattr(e, "failures", {}).items()]
         raise CheckpointError(f"{d}: cannot be loaded ({'; '.join(causes) or e})") from None
