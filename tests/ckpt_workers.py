@@ -14,7 +14,9 @@ from parallel_workers import TINY
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (elements) any aten op returns while active (this thread only)."""
+    """Records the largest floating-point tensor (elements) that any aten op *allocates* while active (this thread
+    only): outputs whose storage is not one of the inputs' storages (views, ``set_`` and in-place ops allocate
+    nothing). Training state is fp32; the uint8 buffers of object collectives (DCP's plan exchange) are not state."""
 
     def __init__(self):
         super().__init__()
@@ -22,8 +24,15 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        seen = set()
+        for x in pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(x, torch.Tensor):
+                seen.add(x.untyped_storage().data_ptr())
+            elif isinstance(x, (torch.UntypedStorage, torch.TypedStorage)):
+                seen.add(x.data_ptr())
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > self.numel
+                    and t.untyped_storage().data_ptr() not in seen):
                 self.numel, self.op = t.numel(), str(func)
         return out
 
@@ -51,6 +60,9 @@ def shard_memory_worker(rank: int, world: int, outdir: str, overrides: List[str]
     torch.distributed.all_gather_object(gathered, bufs[0])
     res["disc_buffers_per_rank"] = gathered
     before = {**gen.full_state_dict(ema=False), **{f"ema.{k}": v for k, v in gen.full_state_dict(ema=True).items()}}
+    with LargestTensor() as mode:
+        gen.state_dict()  # the topology-free full state (all-gathers): what the detector must catch
+    res["gathered_largest"] = (mode.numel, mode.op)
     with LargestTensor() as mode:
         tr.save(block=True)
     res["save_largest"] = (mode.numel, mode.op)

@@ -322,6 +322,7 @@ def test_dp2_save_and_load_never_materialise_a_full_tensor(demo_npz, tmp_path):
     biggest = max(res["full_numel"], key=res["full_numel"].get)
     n, part = res["full_numel"][biggest], res["part_numel"][biggest]
     assert part == -(-n // 2) and n > 1000
+    assert res["gathered_largest"][0] >= n  # the detector sees a gathered full tensor
     for phase in ("save_largest", "load_largest"):
         numel, op = res[phase]
         assert part <= numel <= part, (phase, numel, op, n, part)  # the rank's own partition, never the full n
