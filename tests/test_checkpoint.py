@@ -189,6 +189,75 @@ def test_sigkill_during_checkpoint_write(tmp_path, demo_npz):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# asynchronous save
+def test_async_save_equals_sync_and_training_continues_during_the_write(tmp_path, demo_npz):
+    """``checkpoint.async_save``: every loss and final weight equals the synchronous run bit for bit, the same steps
+    are committed with the same tensors, and each background write finished only after ``save`` had returned (the
+    next training step was already running), while a synchronous save returns after its write and its commit."""
+    runs = {}
+    for mode in ("false", "true"):
+        t = Trainer(cfg_for(demo_npz, tmp_path / mode, "train.steps=6", "checkpoint.every_steps=2",
+                            "checkpoint.keep=3", f"checkpoint.async_save={mode}", "train.run_id=a"))
+        t.fit()
+        runs[mode] = t
+    sync, asyn = runs["false"], runs["true"]
+    assert [h["loss"] for h in sync.history] == [h["loss"] for h in asyn.history]
+    ws, wa = weights_of(sync), weights_of(asyn)
+    assert all(torch.equal(ws[k], wa[k]) for k in ws)
+    for mode in runs:
+        assert [s for s, _ in list_steps(os.path.join(tmp_path, mode, "checkpoints"))] == [2, 4, 6]
+    a, _ = load_checkpoint(os.path.join(tmp_path, "false", "checkpoints", "step-0000004"))
+    b, _ = load_checkpoint(os.path.join(tmp_path, "true", "checkpoints", "step-0000004"))
+    for part in ("generator", "discriminator"):
+        for kind in ("module", "ema"):
+            assert all(torch.equal(a[part][kind][k], b[part][kind][k]) for k in a[part][kind])
+    assert a["loader"] == b["loader"] and a["trainer"] == b["trainer"] == {"step": 4}
+    assert all(s["written"] <= s["committed"] <= s["returned"] for s in sync.checkpointer.saves)
+    background = [s for s in asyn.checkpointer.saves if s["step"] < 6]  # the final save is waited for
+    assert background and all(s["returned"] < s["written"] <= s["committed"] for s in background)
+
+
+def test_sigkill_during_a_background_write_resumes_from_the_previous_step(tmp_path, demo_npz):
+    """A training process with ``checkpoint.async_save=true`` is SIGKILLed while a step directory holds its staged
+    files (RNG file, common.json) but no marker: the background write is in flight. Resume takes the previous
+    committed step and names the killed one as interrupted."""
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    ov = small_overrides(demo_npz, str(out), "train.steps=400", "checkpoint.every_steps=1", "checkpoint.keep=2",
+                         "checkpoint.async_save=true")
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "simflow.train", "--config", TINY, *ov], env=child_env(),
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    killed_in = None
+    deadline = time.time() + 240
+    try:
+        while killed_in is None and time.time() < deadline and proc.poll() is None:
+            names = sorted(n for n in (os.listdir(root) if root.is_dir() else []) if n.startswith("step-"))
+            committed = [n for n in names if (root / n / MARKER).exists()]
+            cand = [n for n in names if n not in committed and committed and n > committed[-1]]
+            if cand and (root / cand[-1] / "common.json").exists() and (root / cand[-1] / "rng-00000.pt").exists():
+                os.kill(proc.pid, signal.SIGSTOP)
+                if not (root / cand[-1] / MARKER).exists():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_in = root / cand[-1]
+                else:
+                    os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.001)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_in is not None, f"never caught a write in progress: {(tmp_path / 'train.log').read_text()[-2000:]}"
+    killed_step = int(killed_in.name.split("-")[1])
+    d, skipped = find_latest_with_report(str(root))
+    assert d is not None and int(os.path.basename(d).split("-")[1]) == killed_step - 1
+    assert skipped == [(str(killed_in), "no commit marker (the write was interrupted)")]
+    t = Trainer(load_config(TINY, ov + [f"train.steps={killed_step + 1}"]))
+    t.fit()
+    assert t.resume_report["loaded"] == d and t.step == killed_step + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # signals (one process; the multi-rank vote is in test_checkpoint_dist.py)
 def test_stop_signal_saves_and_requeues_then_resume_is_exact(tmp_path, demo_npz):
     ref = Trainer(cfg_for(demo_npz, tmp_path / "ref", "train.steps=8", "checkpoint.every_steps=0"))

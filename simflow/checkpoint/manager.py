@@ -95,6 +95,8 @@ class _Pending:
             self.records.update(write_tensors(self.d, tensors, group))
         except BaseException as e:  # reported to every rank at finalize
             self.error = e
+        finally:
+            self.written_at = time.perf_counter()
 
     def done(self) -> bool:
         return self.thread is None or not self.thread.is_alive()
@@ -128,6 +130,7 @@ class Checkpointer:
         self.ctl = Group(dist.new_group(backend="gloo")) if on else _SingleGroup()
         self.pending: Optional[_Pending] = None
         self.last_stats: Dict[str, Any] = {}
+        self.saves: List[Dict[str, Any]] = []  # per save: step, started/returned/written/committed (perf_counter s)
 
     # ------------------------------------------------------------------------------------------------------
     # save
@@ -156,6 +159,8 @@ class Checkpointer:
                      "rng_files": self.rng_get is not None}
         p = _Pending(d, step, records, bad, full_meta)
         staged = time.perf_counter() - t0
+        rec = {"step": step, "started": t0, "pending": p}
+        self.saves.append(rec)
         if self.async_save and not block:
             p.thread = threading.Thread(target=p.run, args=(tensors, self.io), name=f"ckpt-write-{step}", daemon=True)
             p.thread.start()
@@ -166,6 +171,7 @@ class Checkpointer:
             self.wait()
         self.last_stats = {"step": step, "stall_s": time.perf_counter() - t0, "stage_s": staged,
                            "async": self.async_save and not block}
+        rec["returned"] = time.perf_counter()
         return d
 
     def poll(self) -> bool:
@@ -205,6 +211,9 @@ class Checkpointer:
                 log.info("saved checkpoint %s (%.2f s since the save started)", p.d, time.perf_counter() - p.t0)
         self.ctl.barrier()
         self.last_stats["committed_after_s"] = time.perf_counter() - p.t0
+        for rec in self.saves:
+            if rec.get("pending") is p:
+                rec.update(written=p.written_at, committed=time.perf_counter(), pending=None)
 
     # ------------------------------------------------------------------------------------------------------
     # load
