@@ -258,6 +258,37 @@ def test_sigkill_during_a_background_write_resumes_from_the_previous_step(tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# non-finite state and the export
+def test_non_finite_state_is_never_committed_or_exported(tmp_path, demo_npz):
+    """The export is streamed tensor by tensor and reads back (``safetensors``) as the full EMA state; a
+    NaN in the EMA refuses both the checkpoint commit (the step directory is removed, the newest committed step is
+    the finite one and survives retention) and the export (no file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from simflow.checkpoint.export import NonFiniteExportError
+
+    t = Trainer(cfg_for(demo_npz, tmp_path, "train.steps=2", "checkpoint.every_steps=1", "checkpoint.keep=2"))
+    t.fit()
+    streamed = t.export(str(tmp_path / "streamed.safetensors"))
+    full, got = t.gen.full_state_dict(ema=True), load_file(streamed)
+    assert set(full) == set(got) and all(torch.equal(full[k], got[k]) for k in full)
+    assert any(not torch.equal(t.gen.ema[k], t.model.state_dict()[k]) for k in t.gen.ema)  # EMA != raw: a real check
+    with safe_open(streamed, framework="pt") as f:
+        assert f.metadata() == {"run_id": t.run_id, "step": "2"}
+    root = os.path.join(tmp_path, "checkpoints")
+    name = sorted(t.gen.ema)[0]
+    t.gen.ema[name].view(-1)[0] = float("nan")
+    for step in (3, 4):  # two refused saves: with keep=2, retention would otherwise have dropped step 1 and 2
+        t.step = step
+        t.save(block=True)
+    assert [s for s, _ in list_steps(root)] == [1, 2] and verify(os.path.join(root, "step-0000002"))[0]
+    with pytest.raises(NonFiniteExportError, match=rf"{name} holds non-finite values"):
+        t.export(str(tmp_path / "nan.safetensors"))
+    assert not os.path.exists(tmp_path / "nan.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # signals (one process; the multi-rank vote is in test_checkpoint_dist.py)
 def test_stop_signal_saves_and_requeues_then_resume_is_exact(tmp_path, demo_npz):
     ref = Trainer(cfg_for(demo_npz, tmp_path / "ref", "train.steps=8", "checkpoint.every_steps=0"))

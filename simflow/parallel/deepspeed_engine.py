@@ -653,6 +653,22 @@ class DeepSpeedEngine(Engine):
                 out[k] = b.float()
         return out
 
+    def full_tensor_specs(self, ema: bool = True) -> List[Tuple[str, List[int], torch.dtype]]:
+        """``[(name, full shape, dtype)]`` of what :meth:`iter_full_state` yields, in its order."""
+        out = [(name, self._full_shape(p), torch.float32) for name, p in self._params.items()]
+        out += [(k, list(b.shape), torch.float32) for k, b in self.inner.named_buffers()
+                if b is not None and b.is_floating_point()]
+        return out
+
+    def iter_full_state(self, ema: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+        """:meth:`full_state_dict`, one tensor at a time (collective per parameter: every rank iterates fully)."""
+        for name, p in self._params.items():
+            src = self.ema[name] if (ema and name in self.ema) else self._local_fp32(p)
+            yield name, self._gather_full(p, src)
+        for k, b in self.inner.named_buffers():
+            if b is not None and b.is_floating_point():
+                yield k, b.detach().float().cpu()
+
     @contextlib.contextmanager
     def full_params(self, ema: bool = True) -> Iterator[nn.Module]:
         """Run the bare module with all parameters gathered (EMA values for tracked ones when ``ema``); yields the

@@ -247,6 +247,17 @@ class LocalEngine(Engine):
             sd.update({k: v.cpu().clone() for k, v in self.ema.items()})
         return sd
 
+    def full_tensor_specs(self, ema: bool = True) -> List[Tuple[str, List[int], torch.dtype]]:
+        """``[(name, shape, dtype)]`` of what :meth:`iter_full_state` yields, in its order."""
+        return [(k, list(v.shape), torch.float32) for k, v in self.module.state_dict().items() if v.is_floating_point()]
+
+    def iter_full_state(self, ema: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+        """:meth:`full_state_dict`, one tensor at a time (fp32 CPU; EMA values for tracked ones when ``ema``)."""
+        for k, v in self.module.state_dict().items():
+            if v.is_floating_point():
+                src = self.ema[k] if (ema and k in self.ema) else v
+                yield k, src.detach().float().cpu()
+
     @contextlib.contextmanager
     def full_params(self, ema: bool = True) -> Iterator[nn.Module]:
         """Temporarily load the EMA weights into the module (restored on exit)."""

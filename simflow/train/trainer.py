@@ -325,15 +325,13 @@ class Trainer:
         return save_grid(x, path, nrow=num_classes if num_classes <= n else None)  # one column per class
 
     def export(self, path: str) -> str:
-        """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling."""
-        from safetensors.torch import save_file
+        """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling: streamed one tensor at a
+        time (collective for sharded engines, rank 0 writes; :func:`simflow.checkpoint.export.write_streamed`), a
+        local path or ``s3://`` URL. Raises NonFiniteExportError (no file) if any value is NaN/Inf."""
+        from simflow.checkpoint.export import write_streamed
 
-        sd = self.gen.full_state_dict(ema=True)  # collective for sharded engines; rank 0 writes
-        if not self.topo.is_main:
-            return path
-        save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"run_id": self.run_id,
-                                                                             "step": str(self.step)})
-        return path
+        return write_streamed(path, self.gen.full_tensor_specs(ema=True), self.gen.iter_full_state(ema=True),
+                              {"run_id": self.run_id, "step": str(self.step)}, write=self.topo.is_main)
 
     # ------------------------------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
