@@ -222,6 +222,7 @@ def _verifying_reader(d: str, files: Dict[str, Dict[str, Any]], stats: Optional[
                 check_file(storage.join(d, name), _record(d, files, name))
             if stats is not None:
                 stats["files"] = stats.get("files", 0) + len(names)
+                stats["hashed_bytes"] = stats.get("hashed_bytes", 0) + sum(files[n]["bytes"] for n in names)
                 stats["bytes"] = stats.get("bytes", 0) + sum(
                     self.storage_data[it.storage_index].length for it in plan.items)
             return super().read_data(plan, planner)
