@@ -217,6 +217,7 @@ def test_async_save_equals_sync_and_training_continues_during_the_write(tmp_path
     assert background and all(s["returned"] < s["written"] <= s["committed"] for s in background)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_background_write_resumes_from_the_previous_step(tmp_path, demo_npz):
     """A training process with ``checkpoint.async_save=true`` is SIGKILLed while a step directory holds its staged
     files (RNG file, common.json) but no marker: the background write is in flight. Resume takes the previous
