@@ -592,8 +592,9 @@ class DeepSpeedEngine(Engine):
                     out[f"optim/{name}/{k}"] = self._shard(p, torch.zeros(part, dtype=torch.float32))
             if name in self.ema:
                 out[f"ema/{name}"] = self._shard(p, torch.zeros(part, dtype=torch.float32))
-        out.update({f"module/{k}": torch.zeros_like(b, device="cpu") for k, b in self.inner.named_buffers()
-                    if b is not None})
+        if self.dp_rank == 0 and self.tp_rank == 0:  # the others receive them by broadcast (apply_loaded)
+            out.update({f"module/{k}": torch.zeros_like(b, device="cpu") for k, b in self.inner.named_buffers()
+                        if b is not None})
         return out
 
     @torch.no_grad()
@@ -629,6 +630,13 @@ class DeepSpeedEngine(Engine):
         for k, b in self.inner.named_buffers():
             if b is not None and f"module/{k}" in tensors:
                 b.copy_(tensors[f"module/{k}"].to(b.device, b.dtype))
+        # buffers were read by DP rank 0 / TP rank 0 only (so no rank reads another rank's file for them at the
+        # same layout): send them down its TP group, then down every DP group
+        for group, size, first in ((self.tp_group, self.tp_size, self.dp_rank == 0), (self.dp_group, self.dp_size, True)):
+            if size > 1 and first:
+                for _, b in self.inner.named_buffers():
+                    if b is not None:
+                        dist.broadcast(b.data, src=dist.get_global_rank(group, 0), group=group)
         self.steps = int(meta["steps"])
         if ostate:
             for flat in self._flat_partitions():
