@@ -237,6 +237,7 @@ class CheckpointConfig:
     lock_heartbeat_s: float = 30.0
     lock_stale_s: float = 300.0
     lock_wait_s: float = 0.0
+    async_save: bool = True  # write in a background thread; commit when every rank finished (simflow.checkpoint.manager)
 
 
 @dataclass

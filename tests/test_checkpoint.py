@@ -23,16 +23,14 @@ import torch
 from ckpt_helpers import ROOT, TINY, child_env, small_overrides, weights_of
 from simflow.checkpoint import storage
 from simflow.checkpoint.lock import RunLock, RunLockError, pid_start_time
+from simflow.checkpoint.sharded import flat_range_boxes, zero3_range
 from simflow.checkpoint.store import (
     MARKER,
     CheckpointError,
-    assign,
     find_latest_with_report,
-    flatten,
     list_steps,
     load_checkpoint,
     save_checkpoint,
-    unflatten,
     verify,
 )
 from simflow.config import ConfigError, load_config
@@ -63,26 +61,30 @@ def cfg_for(demo_npz, out, *extra):
 
 # ----------------------------------------------------------------------------------------------------------------
 # format
-def test_flatten_roundtrip_and_balanced_plan(tmp_path):
-    state = {"a": {"w": torch.arange(12.0).view(3, 4)[:, 1], "n": 3, "t": (1.5, None, "x")},
-             "opt": {0: {"exp_avg": torch.ones(5)}, 1: {"exp_avg": torch.zeros(7, dtype=torch.float64)}},
-             "l": [torch.tensor(2), "s"]}
-    skel, tensors = flatten(state)
-    assert set(tensors) == {"a/w", "opt/0/exp_avg", "opt/1/exp_avg", "l/0"}
-    assert tensors["a/w"].untyped_storage().nbytes() == 3 * 4  # the view was copied, not its 12-element base
-    back = unflatten(skel, tensors)
-    assert torch.equal(back["a"]["w"], torch.tensor([1.0, 5.0, 9.0])) and back["a"]["t"] == (1.5, None, "x")
-    assert back["opt"][1]["exp_avg"].dtype == torch.float64 and back["l"][1] == "s"
-    sizes = {f"k{i}": torch.zeros(n) for i, n in enumerate([100, 60, 50, 40, 10, 5])}
-    plan = assign(sizes, 3)
-    assert plan == [["k0"], ["k1", "k4", "k5"], ["k2", "k3"]]  # 100 | 75 | 90 elements
-    # a round trip through storage keeps values, dtypes and structure
-    d = save_checkpoint(str(tmp_path / "c"), 7, {"x": state}, {"run_id": "r"})
+def test_flat_range_boxes_and_single_process_roundtrip(tmp_path):
+    # a ZeRO-3 range of a row-major tensor is a few rectangles, in flat order (hand-worked: shape (3, 4), [2, 11))
+    assert flat_range_boxes((3, 4), 2, 11) == [((0, 2), (1, 2)), ((1, 0), (1, 4)), ((2, 0), (1, 3))]
+    assert flat_range_boxes((3, 4), 4, 12) == [((1, 0), (2, 4))] and flat_range_boxes((5,), 3, 3) == []
+    full = torch.arange(2 * 3 * 5).view(2, 3, 5)
+    for a, b in [(0, 30), (1, 29), (7, 8), (4, 21), (15, 30)]:
+        boxes = flat_range_boxes(full.shape, a, b)
+        got = torch.cat([full[tuple(slice(o, o + n) for o, n in zip(off, sz))].reshape(-1) for off, sz in boxes])
+        assert torch.equal(got, torch.arange(a, b)) and len(boxes) <= 5
+    assert [zero3_range(5, r, 4) for r in range(4)] == [(0, 2), (2, 4), (4, 5), (5, 5)]  # ceil(5/4) = 2 per rank
+    # full tensors in one process: values, dtypes and structure survive; the manifest lists every file
+    gen = {"module": {"w": torch.randn(3, 4), "n": torch.tensor(3)}, "ema": {"w": torch.ones(3, 4)},
+           "optimizer": {"state": {"w": {"exp_avg": torch.ones(3, 4), "exp_avg_sq": torch.zeros(3, 4),
+                                         "step": torch.tensor(7.0)}}}, "steps": 7}
+    d = save_checkpoint(str(tmp_path / "c"), 7, {"generator": gen, "loader": {"consumed_samples": 28}}, {"run_id": "r"})
     parts, manifest = load_checkpoint(d)
-    assert manifest["step"] == 7 and manifest["world_size"] == 1
-    assert torch.equal(parts["x"]["opt"][1]["exp_avg"], state["opt"][1]["exp_avg"])
+    assert manifest["step"] == 7 and manifest["world_size"] == 1 and manifest["format"] == "simflow-checkpoint/3"
+    assert {"common.json", ".metadata", "__0_0.distcp"} <= set(manifest["files"])
+    g = parts["generator"]
+    assert torch.equal(g["module"]["w"], gen["module"]["w"]) and g["module"]["n"].dtype == torch.int64
+    assert torch.equal(g["optimizer"]["state"]["w"]["exp_avg"], torch.ones(3, 4)) and g["steps"] == 7
+    assert parts["loader"] == {"consumed_samples": 28}
     with pytest.raises(CheckpointError, match="no part"):
-        load_checkpoint(d, parts=["generator"])
+        load_checkpoint(d, parts=["discriminator"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_truncated_and_corrupt_steps_are_skipped_with_reason(tmp_path, demo_npz,
     root = os.path.join(tmp_path, "checkpoints")
     assert [s for s, _ in list_steps(root)] == [2, 4, 6]
     s6, s4 = os.path.join(root, "step-0000006"), os.path.join(root, "step-0000004")
-    shard = os.path.join(s6, "shard-00000-of-00001.pt")
+    shard = os.path.join(s6, "__0_0.distcp")
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     with open(os.path.join(s4, "rng-00000.pt"), "r+b") as f:  # same size, one byte flipped
@@ -128,7 +130,7 @@ def test_truncated_and_corrupt_steps_are_skipped_with_reason(tmp_path, demo_npz,
         f.write(bytes([b[0] ^ 0xFF]))
     d, skipped = find_latest_with_report(root)
     assert d == os.path.join(root, "step-0000002")
-    assert skipped[0][0] == s6 and "truncated" in skipped[0][1] and "shard-00000-of-00001.pt" in skipped[0][1]
+    assert skipped[0][0] == s6 and "truncated" in skipped[0][1] and "__0_0.distcp" in skipped[0][1]
     assert skipped[1][0] == s4 and "sha256 mismatch" in skipped[1][1] and "rng-00000.pt" in skipped[1][1]
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(s6)
@@ -184,6 +186,107 @@ def test_sigkill_during_checkpoint_write(tmp_path, demo_npz):
     t.fit()
     assert t.resume_report["loaded"] == d and t.step == killed_step + 1
     assert verify(str(root / f"step-{killed_step:07d}"))[0]  # the same step, now rewritten and committed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# asynchronous save
+def test_async_save_equals_sync_and_training_continues_during_the_write(tmp_path, demo_npz):
+    """``checkpoint.async_save``: every loss and final weight equals the synchronous run bit for bit, the same steps
+    are committed with the same tensors, and each background write finished only after ``save`` had returned (the
+    next training step was already running), while a synchronous save returns after its write and its commit."""
+    runs = {}
+    for mode in ("false", "true"):
+        t = Trainer(cfg_for(demo_npz, tmp_path / mode, "train.steps=6", "checkpoint.every_steps=2",
+                            "checkpoint.keep=3", f"checkpoint.async_save={mode}", "train.run_id=a"))
+        t.fit()
+        runs[mode] = t
+    sync, asyn = runs["false"], runs["true"]
+    assert [h["loss"] for h in sync.history] == [h["loss"] for h in asyn.history]
+    ws, wa = weights_of(sync), weights_of(asyn)
+    assert all(torch.equal(ws[k], wa[k]) for k in ws)
+    for mode in runs:
+        assert [s for s, _ in list_steps(os.path.join(tmp_path, mode, "checkpoints"))] == [2, 4, 6]
+    a, _ = load_checkpoint(os.path.join(tmp_path, "false", "checkpoints", "step-0000004"))
+    b, _ = load_checkpoint(os.path.join(tmp_path, "true", "checkpoints", "step-0000004"))
+    for part in ("generator", "discriminator"):
+        for kind in ("module", "ema"):
+            assert all(torch.equal(a[part][kind][k], b[part][kind][k]) for k in a[part][kind])
+    assert a["loader"] == b["loader"] and a["trainer"] == b["trainer"] == {"step": 4}
+    assert all(s["written"] <= s["committed"] <= s["returned"] for s in sync.checkpointer.saves)
+    background = [s for s in asyn.checkpointer.saves if s["step"] < 6]  # the final save is waited for
+    assert background and all(s["returned"] < s["written"] <= s["committed"] for s in background)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_background_write_resumes_from_the_previous_step(tmp_path, demo_npz):
+    """A training process with ``checkpoint.async_save=true`` is SIGKILLed while a step directory holds its staged
+    files (RNG file, common.json) but no marker: the background write is in flight. Resume takes the previous
+    committed step and names the killed one as interrupted."""
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    ov = small_overrides(demo_npz, str(out), "train.steps=400", "checkpoint.every_steps=1", "checkpoint.keep=2",
+                         "checkpoint.async_save=true")
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "simflow.train", "--config", TINY, *ov], env=child_env(),
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    killed_in = None
+    deadline = time.time() + 240
+    try:
+        while killed_in is None and time.time() < deadline and proc.poll() is None:
+            names = sorted(n for n in (os.listdir(root) if root.is_dir() else []) if n.startswith("step-"))
+            committed = [n for n in names if (root / n / MARKER).exists()]
+            cand = [n for n in names if n not in committed and committed and n > committed[-1]]
+            if cand and (root / cand[-1] / "common.json").exists() and (root / cand[-1] / "rng-00000.pt").exists():
+                os.kill(proc.pid, signal.SIGSTOP)
+                if not (root / cand[-1] / MARKER).exists():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_in = root / cand[-1]
+                else:
+                    os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.001)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_in is not None, f"never caught a write in progress: {(tmp_path / 'train.log').read_text()[-2000:]}"
+    killed_step = int(killed_in.name.split("-")[1])
+    d, skipped = find_latest_with_report(str(root))
+    assert d is not None and int(os.path.basename(d).split("-")[1]) == killed_step - 1
+    assert skipped == [(str(killed_in), "no commit marker (the write was interrupted)")]
+    t = Trainer(load_config(TINY, ov + [f"train.steps={killed_step + 1}"]))
+    t.fit()
+    assert t.resume_report["loaded"] == d and t.step == killed_step + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# non-finite state and the export
+def test_non_finite_state_is_never_committed_or_exported(tmp_path, demo_npz):
+    """The export is streamed tensor by tensor and reads back (``safetensors``) as the full EMA state; a
+    NaN in the EMA refuses both the checkpoint commit (the step directory is removed, the newest committed step is
+    the finite one and survives retention) and the export (no file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from simflow.checkpoint.export import NonFiniteExportError
+
+    t = Trainer(cfg_for(demo_npz, tmp_path, "train.steps=2", "checkpoint.every_steps=1", "checkpoint.keep=2"))
+    t.fit()
+    streamed = t.export(str(tmp_path / "streamed.safetensors"))
+    full, got = t.gen.full_state_dict(ema=True), load_file(streamed)
+    assert set(full) == set(got) and all(torch.equal(full[k], got[k]) for k in full)
+    assert any(not torch.equal(t.gen.ema[k], t.model.state_dict()[k]) for k in t.gen.ema)  # EMA != raw: a real check
+    with safe_open(streamed, framework="pt") as f:
+        assert f.metadata() == {"run_id": t.run_id, "step": "2"}
+    root = os.path.join(tmp_path, "checkpoints")
+    name = sorted(t.gen.ema)[0]
+    t.gen.ema[name].view(-1)[0] = float("nan")
+    for step in (3, 4):  # two refused saves: with keep=2, retention would otherwise have dropped step 1 and 2
+        t.step = step
+        t.save(block=True)
+    assert [s for s, _ in list_steps(root)] == [1, 2] and verify(os.path.join(root, "step-0000002"))[0]
+    with pytest.raises(NonFiniteExportError, match=rf"{name} holds non-finite values"):
+        t.export(str(tmp_path / "nan.safetensors"))
+    assert not os.path.exists(tmp_path / "nan.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,10 +359,39 @@ def test_save_and_resume_on_s3(tmp_path, demo_npz, s3_bucket):
     wa, wb = weights_of(ref), weights_of(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # a truncated object on S3 is skipped like a local one
-    shard = f"{url}/step-0000006/shard-00000-of-00001.pt"
+    shard = f"{url}/step-0000006/__0_0.distcp"
     storage.write_bytes(shard, storage.read_bytes(shard)[:100])
     d, skipped = find_latest_with_report(url)
     assert d == f"{url}/step-0000004" and "truncated" in skipped[0][1]
+
+
+@pytest.mark.s3
+def test_sampling_from_an_s3_checkpoint_equals_the_local_copy(tmp_path, demo_npz, s3_bucket):
+    """``python -m simflow.sample --weights s3://.../checkpoints`` (config from the manifest on S3) writes the same
+    images as from the local checkpoint it was copied from; an exported file on S3 works too."""
+    import numpy as np
+
+    from simflow.sample import main as sample_main
+
+    t = Trainer(cfg_for(demo_npz, tmp_path / "run", "train.steps=2", "checkpoint.every_steps=0"))
+    t.fit()
+    local_root = os.path.join(tmp_path, "run", "checkpoints")
+    url = f"s3://{s3_bucket}/runs/run/checkpoints"
+    step = "step-0000002"
+    for name in os.listdir(os.path.join(local_root, step)):
+        with open(os.path.join(local_root, step, name), "rb") as f:
+            storage.write_bytes(f"{url}/{step}/{name}", f.read())
+    storage.write_bytes(f"{url}/weights.safetensors", open(t.export(str(tmp_path / "w.safetensors")), "rb").read())
+    args = ["--num-samples", "8", "--range-size", "4", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    images = {}
+    for tag, weights in [("local", local_root), ("s3", url), ("s3-export", f"{url}/weights.safetensors")]:
+        out = str(tmp_path / f"samples-{tag}")
+        cfg = [] if tag != "s3-export" else ["--config", TINY, "model.flow.width=32", "model.flow.layers_per_block=[1,1,1,1]"]
+        assert sample_main(["--weights", weights, "--out", out, *args, *cfg]) == 0
+        images[tag] = np.load(os.path.join(out, "samples.npz"))["arr_0"]
+    assert images["local"].shape[0] == 8 and images["local"].std() > 0
+    assert np.array_equal(images["local"], images["s3"])
+    assert np.array_equal(images["local"], images["s3-export"])  # the export holds the EMA flow, as use_ema does
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,3 +487,71 @@ def test_watchdog_forces_exit_when_a_collective_hangs(tmp_path):
     text = err.decode()
     assert "watchdog: rank" in text and "no progress for" in text and "all_reduce" in text  # stack of the hang
     assert waited < 60
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the previous format
+def _write_v2_step(root: str, step: int, parts: dict, meta: dict) -> str:
+    """A ``simflow-checkpoint/2`` step as the previous code wrote it: tensors replaced by placeholders in
+    ``common.pt``, all tensors in one ``shard-00000-of-00001.pt``, manifest with sha256s, marker naming its hash."""
+    import hashlib
+    import io
+
+    tensors = {}
+
+    def walk(x, path):
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().clone()
+            return {"__tensor__": path}
+        if isinstance(x, dict):
+            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v, f"{path}/{i}") for i, v in enumerate(x))
+        return x
+
+    skeleton = walk(parts, "")
+    d = os.path.join(root, f"step-{step:07d}")
+    os.makedirs(d)
+    files = {}
+    for name, obj in [("shard-00000-of-00001.pt", tensors),
+                      ("common.pt", {"skeleton": skeleton, "index": {k: "shard-00000-of-00001.pt" for k in tensors}})]:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        open(os.path.join(d, name), "wb").write(buf.getvalue())
+        files[name] = {"bytes": len(buf.getvalue()), "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+    text = json.dumps({**meta, "format": "simflow-checkpoint/2", "step": step, "world_size": 1, "rng_files": False,
+                       "parts": sorted(parts), "files": files}).encode()
+    open(os.path.join(d, "manifest.json"), "wb").write(text)
+    open(os.path.join(d, MARKER), "w").write(json.dumps({"step": step, "manifest_sha256":
+                                                          hashlib.sha256(text).hexdigest()}))
+    return d
+
+
+def test_old_format_is_refused_naming_the_converter_which_converts_it(tmp_path, demo_npz):
+    """A run directory holding a ``simflow-checkpoint/2`` step is refused (never silently restarted) with the
+    format and the converter command; the converted step resumes the run with the losses of an uninterrupted one."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from convert_checkpoint import main as convert_main
+
+    ref = Trainer(cfg_for(demo_npz, tmp_path / "ref", "train.steps=4", "checkpoint.every_steps=0"))
+    ref.fit()
+    a = Trainer(cfg_for(demo_npz, tmp_path / "old", "train.steps=2", "checkpoint.every_steps=0",
+                        "checkpoint.resume=false", "checkpoint.dir=" + str(tmp_path / "scratch")))
+    a.fit()
+    from simflow.config import to_dict
+
+    parts = {"generator": a.gen.state_dict(), "discriminator": a.disc.state_dict(),
+             "loader": a.loader.state_dict(), "trainer": {"step": 2}}
+    old_root = str(tmp_path / "old" / "checkpoints")
+    src = _write_v2_step(old_root, 2, parts, {"run_id": "old", "config": to_dict(a.cfg)})
+    with pytest.raises(CheckpointError, match=r"format 'simflow-checkpoint/2'.*python tools/convert_checkpoint\.py"):
+        Trainer(cfg_for(demo_npz, tmp_path / "old", "train.steps=4", "checkpoint.every_steps=0")).fit()
+    new_root = str(tmp_path / "old" / "checkpoints-v3")
+    assert convert_main([src, new_root]) == 0
+    assert verify(os.path.join(new_root, "step-0000002"))[0]
+    b = Trainer(cfg_for(demo_npz, tmp_path / "old", "train.steps=4", "checkpoint.every_steps=0",
+                        f"checkpoint.dir={new_root}", "train.run_id=old"))
+    b.fit()
+    assert b.resume_report["loaded"] == os.path.join(new_root, "step-0000002")
+    assert [h["loss"] for h in a.history + b.history] == [h["loss"] for h in ref.history]
+    assert convert_main([os.path.join(new_root, "step-0000002"), str(tmp_path / "x")]) == 2  # not a v2 step

@@ -91,7 +91,7 @@ def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
     src = os.path.join(tp2dp2, "checkpoints", f"step-{SAVE_AT:07d}")
     manifest = read_manifest(src)
     assert manifest["topology"] == {"world_size": 4, "tp_size": 2, "dp_size": 2}
-    assert {f for f in manifest["files"] if f.startswith("shard-")} == {f"shard-0000{r}-of-00004.pt" for r in range(4)}
+    assert {f for f in manifest["files"] if f.endswith(".distcp")} == {f"__{r}_0.distcp" for r in range(4)}
     assert {f for f in manifest["files"] if f.startswith("rng-")} == {f"rng-0000{r}.pt" for r in range(4)}
     out = str(tmp_path / layout)
     shutil.copytree(src, os.path.join(out, "checkpoints", os.path.basename(src)))
@@ -257,7 +257,7 @@ def test_signal_to_one_rank_saves_everywhere_and_requeues(demo_npz, tmp_path):
         d = os.path.join(root, f"step-{s:07d}")
         assert verify(d)[0]
         files = read_manifest(d)["files"]
-        assert {"rng-00000.pt", "rng-00001.pt", "shard-00000-of-00002.pt", "shard-00001-of-00002.pt"} <= set(files)
+        assert {"rng-00000.pt", "rng-00001.pt", "__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(files)
         assert max(r for r in _metrics(out)) == s  # no rank went past the saved step
         assert (f"stop requested by {sig.name} on rank {rank}: saved step {s} on every rank; exiting with the requeue "
                 f"status 75") in text
@@ -301,3 +301,38 @@ def test_torchrun_elastic_node_loss_resumes_at_smaller_world(demo_npz, tmp_path)
     assert first["world_size"] == 2 and last["world_size"] == 1
     parts, _ = load_checkpoint(os.path.join(out, "checkpoints", f"step-{steps:07d}"), parts=["loader"])
     assert parts["loader"]["consumed_samples"] == resumed_at * 8 + (steps - resumed_at) * 4  # global batch 8, then 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def test_dp2_save_and_load_never_materialise_a_full_tensor(demo_npz, tmp_path):
+    """DeepSpeed ZeRO-3 at DP=2 with the (default) BatchNorm discriminator. During a save and during a load, no aten
+    op on a rank returns a tensor larger than that rank's ZeRO-3 partition of the largest parameter (a gathered
+    optimizer moment, weight or EMA would be twice that); the load restores the saved weights and EMA bit for bit;
+    the saved BatchNorm running statistics are DP rank 0's whichever rank DCP lets write them; a NaN in one rank's
+    EMA partition refuses the commit, and the newest committed step stays the finite one."""
+    from ckpt_workers import shard_memory_worker
+    from parallel_workers import spawn
+
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    ov = small_overrides(demo_npz, out, "parallel.engine=deepspeed", "train.micro_batch_size=4",
+                         "loss.gan.norm=batch", "train.run_id=mem")
+    spawn(shard_memory_worker, 2, (out, ov), errdir=out, timeout=600)
+    res = torch.load(os.path.join(out, "result.pt"), weights_only=False)
+    biggest = max(res["full_numel"], key=res["full_numel"].get)
+    n, part = res["full_numel"][biggest], res["part_numel"][biggest]
+    assert part == -(-n // 2) and n > 1000
+    assert res["gathered_largest"][0] >= n  # the detector sees a gathered full tensor
+    for phase in ("save_largest", "load_largest"):
+        numel, op = res[phase]
+        assert part <= numel <= part, (phase, numel, op, n, part)  # the rank's own partition, never the full n
+    assert res["roundtrip_equal"]
+    root = os.path.join(out, "checkpoints")
+    assert res["loaded"] == os.path.join(root, "step-0000002")
+    assert [s for s, d in list_steps(root) if os.path.exists(os.path.join(d, MARKER))] == [2]
+    assert not os.path.exists(os.path.join(root, "step-0000003"))  # NaN on rank 1: not committed, removed
+    saved = load_checkpoint(os.path.join(root, "step-0000002"), parts=["discriminator"])[0]["discriminator"]["module"]
+    r0, r1 = res["disc_buffers_per_rank"]
+    stats = [k for k in r0 if k.endswith("running_mean") or k.endswith("running_var")]
+    assert stats and all(torch.equal(saved[k], r0[k]) for k in r0)
+    assert any(not torch.equal(r0[k], r1[k]) for k in stats)  # the ranks really differ: the choice matters

@@ -1,30 +1,28 @@
 #!/usr/bin/env python
-"""Benchmark checkpoint save and load (``simflow.checkpoint.store``) against ``dd`` writing the same bytes.
+"""Benchmark the sharded checkpoint (``simflow.checkpoint.manager.Checkpointer``) at DP = 1, 2, 4 on CPU/gloo.
 
-    python tools/bench_checkpoint.py                      # tiny and B, under $TMPDIR
-    python tools/bench_checkpoint.py --configs tiny --dir /scratch/me --repeats 3
+    python tools/bench_checkpoint.py                                  # ~100M-parameter flow, DP 1 2 4, under $TMPDIR
+    python tools/bench_checkpoint.py --dp 1 2 --width 256 --layers 1 1 1 1 --dir /scratch/me
 
-For each config it builds the real training state in one process (generator + discriminator on the local engine,
-one AdamW step taken so the moments exist, EMA, loader and trainer counters, RNG), then times
+Each DP size runs ``DP`` processes (DeepSpeed ZeRO-3, gloo) of the tiny config with a wide flow (default width 768,
+``layers_per_block=[3,2,2,2]``: 99M flow parameters), AdamW moments present. Per rank it measures
 
-* ``state``: ``Trainer.state_parts``-equivalent collection (``Engine.state_dict``: full fp32 copies);
-* ``save``: :func:`~simflow.checkpoint.store.save_parallel` (serialise, sha256 while writing, fsync, rename,
-  manifest, marker);
-* ``verify``: :func:`~simflow.checkpoint.store.verify` (re-read every file, sha256), what resume discovery does;
-* ``load``: :func:`~simflow.checkpoint.store.load_checkpoint` with ``verify_all=False`` (read, sha256, unpickle);
-* ``dd``: ``dd if=/dev/zero of=FILE bs=4M count=N conv=fsync`` of the same number of bytes (the disk's sequential
-  write speed with one fsync, the floor for ``save``).
+* ``save``: a synchronous save (stage own shards, DCP write, sha256 of its files, commit) — seconds and the extra peak
+  RSS above the RSS before the save (``VmHWM`` reset through ``/proc/self/clear_refs``);
+* ``async stall``: how long an asynchronous save blocks the training loop (staging), and when its commit landed;
+* ``load``: a resume (verify + read the chunks it owns, install them) — seconds, extra peak RSS, bytes of tensor
+  data read and bytes hashed (the files its plan touches);
+* ``dd``: ``dd if=/dev/zero bs=4M conv=fsync`` of the checkpoint's total bytes (the disk's floor for one writer).
 
-MB/s = checkpoint bytes / seconds (1 MB = 1e6 bytes); the best of ``--repeats`` runs is printed. ``load`` usually
-reads from the page cache right after the save (no cache drop without root), so it measures CPU cost (sha256 +
-unpickling) rather than the disk.
+The table shows the maximum over ranks. The "full state" column is the whole training state (fp32 weights, 2 AdamW
+moments, EMA) that the previous format held on *every* rank during a save or load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -34,111 +32,140 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-CONFIGS = {"tiny": "configs/tiny.yaml", "b": "configs/b.yaml", "l": "configs/l.yaml", "xl": "configs/xl.yaml"}
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
-def build_state(name: str):
-    """(shared parts, rank state, number of parameters) of a one-step-old run of config ``name``."""
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+
+
+def worker(rank: int, world: int, port: int, out: str, overrides) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
     import torch
 
+    torch.set_num_threads(1)
     from simflow.config import load_config
-    from simflow.models.discriminator import NLayerDiscriminator
-    from simflow.models.simflow import SimFlowModel
     from simflow.parallel.factory import build_engine
-    from simflow.train.trainer import Topology, rng_state
+    from simflow.parallel.topology import init_topology
+    from simflow.train.trainer import Trainer
 
-    cfg = load_config(os.path.join(ROOT, CONFIGS[name]),
-                      ["loss.perceptual.weight=0", "loss.repa.enabled=false", "parallel.engine=local"])
-    topo = Topology()
-    torch.manual_seed(0)
-    gen = build_engine(cfg, lambda factory=None: SimFlowModel(cfg, factory), "generator", ["flow"], topo)
-    g = cfg.loss.gan
-    disc = build_engine(cfg, lambda factory=None: NLayerDiscriminator(3, g.ndf, g.n_layers, g.norm), "discriminator",
-                        [], topo)
-    for eng in (gen, disc):  # one AdamW step on small random gradients: the moments exist, as in a real run
-        for p in eng.module.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-        eng.step()
-    gen.ema_update()
-    n = sum(p.numel() for p in gen.module.parameters())
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)
+    topo = init_topology(cfg)
+    tr = Trainer(cfg, topo, build_engine=build_engine)
+    for eng in (tr.gen, tr.disc):
+        eng._adam_state()  # AdamW moments exist, as after the first step (zeros here: sizes are what matters)
+        for f in eng._flat_partitions():
+            eng.optimizer.state[f]["exp_avg"].normal_()
+    res = {"rank": rank, "full_numel": tr.gen.full_numel(), "local_numel": tr.gen.local_numel()}
+    torch.distributed.barrier()
+    import gc
+
+    gc.collect()
+    base = _rss_mib("VmRSS")
+    _reset_peak()
     t0 = time.perf_counter()
-    parts = {"generator": gen.state_dict(), "discriminator": disc.state_dict(),
-             "loader": {"consumed_samples": 256, "seed": 0}, "trainer": {"step": 1}}
-    t_state = time.perf_counter() - t0
-    return cfg, parts, rng_state(), n, t_state
-
-
-def dd_seconds(path: str, nbytes: int) -> float:
-    """Seconds for ``dd`` to write ``nbytes`` (rounded up to 4 MiB blocks) with a final fsync."""
-    count = max(1, -(-nbytes // (4 << 20)))
+    tr.step = 1
+    tr.save(block=True)
+    res["save_s"] = time.perf_counter() - t0
+    res["save_extra_mib"] = _rss_mib("VmHWM") - base
+    torch.distributed.barrier()
+    gc.collect()
+    tr.step = 2
     t0 = time.perf_counter()
-    r = subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4M", f"count={count}", "conv=fsync"],
-                       capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    os.remove(path)
-    if r.returncode != 0:
-        raise RuntimeError(f"dd failed: {r.stderr}")
-    m = re.search(r"copied, ([0-9.]+) s", r.stderr)
-    return float(m.group(1)) if m else dt
+    tr.save()
+    res["async_stall_s"] = time.perf_counter() - t0
+    tr.checkpointer.wait()
+    res["async_commit_s"] = time.perf_counter() - t0
+    torch.distributed.barrier()
+    gc.collect()
+    base = _rss_mib("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    got = tr.checkpointer.load_latest(lambda manifest, d: None)
+    res["load_s"] = time.perf_counter() - t0
+    res["load_extra_mib"] = _rss_mib("VmHWM") - base
+    res["read"] = got[2]["read"]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    torch.distributed.barrier()
 
 
-def bench(name: str, root: str, repeats: int):
-    from simflow.checkpoint.store import load_checkpoint, save_parallel, verify
-    from simflow.config import to_dict
+def run_dp(dp: int, work: str, overrides) -> dict:
+    import torch.multiprocessing as mp
 
-    cfg, parts, rng, n_params, t_state = build_state(name)
-    meta = {"run_id": f"bench-{name}", "config": to_dict(cfg), "code_version": "bench"}
-    best = {"save": float("inf"), "verify": float("inf"), "load": float("inf"), "dd": float("inf")}
-    nbytes = 0
-    for i in range(repeats):
-        run = os.path.join(root, f"{name}-{i}")
-        t0 = time.perf_counter()
-        d = save_parallel(run, 1, parts, meta, rank_state=rng, keep=2)
-        best["save"] = min(best["save"], time.perf_counter() - t0)
-        nbytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
-        t0 = time.perf_counter()
-        ok, why = verify(d)
-        best["verify"] = min(best["verify"], time.perf_counter() - t0)
-        if not ok:
-            raise RuntimeError(f"{d}: {why}")
-        t0 = time.perf_counter()
-        load_checkpoint(d, verify_all=False)
-        best["load"] = min(best["load"], time.perf_counter() - t0)
-        shutil.rmtree(run)
-        best["dd"] = min(best["dd"], dd_seconds(os.path.join(root, "dd.bin"), nbytes))
-    return {"config": name, "params_M": n_params / 1e6, "MB": nbytes / 1e6, "state_s": t_state, **best}
+    from simflow.parallel.topology import free_port
+
+    out = os.path.join(work, f"dp{dp}")
+    os.makedirs(out, exist_ok=True)
+    ov = list(overrides) + [f"train.out_dir={out}", f"checkpoint.dir={out}/checkpoints",
+                            f"train.micro_batch_size={max(1, 4 // dp)}", f"train.global_batch_size={4 // dp * dp}"]
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, dp, port, out, ov)) for r in range(dp)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise SystemExit(f"DP={dp}: workers exited {[p.exitcode for p in procs]}")
+    ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(dp)]
+    step = os.path.join(out, "checkpoints", "step-0000002")
+    total = sum(os.path.getsize(os.path.join(step, n)) for n in os.listdir(step))
+    dd = os.path.join(out, "dd.bin")
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={dd}", "bs=4M", f"count={max(1, total // (4 << 20))}", "conv=fsync"],
+                   check=True, capture_output=True)
+    dd_s = time.perf_counter() - t0
+    os.remove(dd)
+    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    mx = lambda k: max(r[k] for r in ranks)  # noqa: E731
+    return {"dp": dp, "params_M": ranks[0]["full_numel"] / 1e6, "ckpt_MB": total / 1e6, "save_s": mx("save_s"),
+            "stall_s": mx("async_stall_s"), "commit_s": mx("async_commit_s"), "save_mib": mx("save_extra_mib"),
+            "load_s": mx("load_s"), "load_mib": mx("load_extra_mib"),
+            "read_MB": max(r["read"].get("bytes", 0) for r in ranks) / 1e6,
+            "hashed_MB": max(r["read"].get("hashed_bytes", 0) for r in ranks) / 1e6, "dd_s": dd_s}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=["tiny", "b"], choices=sorted(CONFIGS))
-    p.add_argument("--dir", default=None, help="where to write (default: a new folder under $TMPDIR)")
-    p.add_argument("--repeats", type=int, default=2)
-    a = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    root = tempfile.mkdtemp(prefix="simflow-bench-ckpt-", dir=a.dir)
-    rows = []
-    try:
-        for name in a.configs:
-            rows.append(bench(name, root, a.repeats))
-            print(f"done {name}", file=sys.stderr, flush=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    head = ("config", "gen params", "ckpt MB", "state s", "save s", "save MB/s", "verify s", "load s", "load MB/s",
-            "dd s", "dd MB/s")
-    lines = []
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--layers", type=int, nargs="+", default=[3, 2, 2, 2])
+    ap.add_argument("--dir", default=None, help="work directory (default: a new one under $TMPDIR)")
+    ap.add_argument("--data", default=os.path.join(ROOT, "data", "demo", "demo.npz"))
+    a = ap.parse_args(argv)
+    work = a.dir or tempfile.mkdtemp(prefix="bench_ckpt_")
+    ov = ["parallel.engine=deepspeed", "data.source=npz", f"data.path={a.data}", "logging.wandb=disabled",
+          f"model.flow.width={a.width}", f"model.flow.layers_per_block=[{','.join(map(str, a.layers))}]",
+          "train.sample_every=0", "checkpoint.lock=false", "checkpoint.keep=2"]
+    rows = [run_dp(dp, work, ov) for dp in a.dp]
+    full_mib = rows[0]["params_M"] * 1e6 * 16 / 2**20
+    print(f"flow+VAE {rows[0]['params_M']:.1f}M parameters; full training state (fp32 weights, 2 moments, EMA) "
+          f"~{full_mib:.0f} MiB; load: `uptime` = {os.getloadavg()[0]:.1f}")
+    print("| DP | ckpt MB | save s (sync) | async stall s | async commit s | save extra peak MiB/rank | "
+          "load s | load extra peak MiB/rank | tensor MB read/rank | MB hashed/rank | dd s (same bytes) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        mb = r["MB"]
-        lines.append((r["config"], f"{r['params_M']:.1f}M", f"{mb:.1f}", f"{r['state_s']:.2f}", f"{r['save']:.2f}",
-                      f"{mb / r['save']:.0f}", f"{r['verify']:.2f}", f"{r['load']:.2f}", f"{mb / r['load']:.0f}",
-                      f"{r['dd']:.2f}", f"{mb / r['dd']:.0f}"))
-    w = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    print("| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |")
-    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
-    for l in lines:
-        print("| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(l)) + " |")
+        print(f"| {r['dp']} | {r['ckpt_MB']:.0f} | {r['save_s']:.2f} | {r['stall_s']:.2f} | {r['commit_s']:.2f} | "
+              f"{r['save_mib']:.0f} | {r['load_s']:.2f} | {r['load_mib']:.0f} | {r['read_MB']:.0f} | "
+              f"{r['hashed_MB']:.0f} | {r['dd_s']:.2f} |")
+    if 1 in a.dp and 2 in a.dp:
+        one = next(r for r in rows if r["dp"] == 1)
+        two = next(r for r in rows if r["dp"] == 2)
+        print(f"DP=2 / DP=1 extra peak RSS: save {two['save_mib'] / one['save_mib']:.2f}x, "
+              f"load {two['load_mib'] / one['load_mib']:.2f}x; async stall / sync save at DP=1: "
+              f"{one['stall_s'] / one['save_s']:.2f}")
     return 0
 
 

@@ -1,6 +1,10 @@
-"""Checkpoints: step directories written by all ranks in parallel, manifest + commit marker, verified discovery,
-retention, run id and run lock, local or ``s3://`` storage (README "Checkpoints and fault tolerance").
+"""Checkpoints: DCP-sharded step directories (each rank writes and reads only the chunks it owns, reshardable to any
+TP/DP layout), written synchronously or in the background, manifest + commit marker, verified discovery, retention,
+run id and run lock, local or ``s3://`` storage (README "Checkpoints and fault tolerance").
 
-Modules: :mod:`~simflow.checkpoint.store` (format, save, discovery, load), :mod:`~simflow.checkpoint.storage`
-(fsspec I/O with atomic writes), :mod:`~simflow.checkpoint.lock` (run id and run lock).
+Modules: :mod:`~simflow.checkpoint.manager` (the trainer's ``Checkpointer``: save, async commit, resume),
+:mod:`~simflow.checkpoint.store` (format, DCP I/O with per-rank verification, discovery, offline full loads),
+:mod:`~simflow.checkpoint.sharded` (a ZeRO-3 partition as chunks of the full tensor),
+:mod:`~simflow.checkpoint.export` (streamed safetensors export), :mod:`~simflow.checkpoint.storage` (fsspec I/O
+with atomic writes), :mod:`~simflow.checkpoint.lock` (run id and run lock).
 """

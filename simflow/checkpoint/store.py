@@ -1,43 +1,43 @@
-"""Checkpoint step directories: parallel writes by all ranks, manifest + commit marker last, verified discovery.
+"""Checkpoint step directories: DCP-sharded state written by every rank, manifest + commit marker last, discovery.
 
-Layout (local path or ``s3://bucket/prefix``, see :mod:`simflow.checkpoint.storage`)::
+Layout (local path or ``s3://bucket/prefix``, see :mod:`simflow.checkpoint.storage`), format ``simflow-checkpoint/3``::
 
     <root>/step-0000100/
-        shard-00000-of-00004.pt   tensors of the shared state assigned to rank 0 (dict: key -> tensor)
-        shard-00001-of-00004.pt   ... one per rank that was assigned tensors; all ranks write at the same time
+        __0_0.distcp ...          torch.distributed.checkpoint (DCP) data: each rank writes only the chunks it owns
+                                  (its ZeRO-3 partitions of weights, AdamW moments and EMA; :mod:`.sharded`)
+        .metadata                 (DCP, rank 0) which chunk of which full tensor lies where
         rng-00000.pt ...          per-rank RNG states (torch CPU/CUDA, numpy, python), one per rank
-        common.pt                 (rank 0) the parts' structure with tensors replaced by placeholders, and the
-                                  tensor -> shard index
+        common.json               (rank 0) everything that is not a tensor: loader position, trainer counters,
+                                  engine step counts and optimizer hyper-parameters
         manifest.json             (rank 0, after every rank finished) step, run id, config, code version, topology,
-                                  and every file's size and sha256
+                                  and every file's size and sha256 (each rank hashes its own files as it finishes)
         COMMITTED                 (rank 0, last) ``{"step", "manifest_sha256"}``: only a directory whose marker
                                   exists, names its manifest's hash, and whose files all match the manifest is valid
     <root>/latest                 a cache of the newest committed step's name; discovery never trusts it
 
-**Shared state is topology-free**: the parts passed to :func:`save_parallel` (engine states from
-``Engine.state_dict()``, which holds *full* tensors with TP slices merged and DP partitions gathered, the loader's
-``consumed_samples``, trainer counters) are identical on every rank. Their tensors are spread over the ranks by size
-(largest first onto the least-loaded rank), so each rank writes ~1/world of the bytes in parallel, and a checkpoint
-written at any (TP, DP) is read back whole at any other: re-sharding is the engine's ``load_state_dict`` job.
+**Topology-free**: every tensor is stored as its full (TP=1) tensor, in chunks; DCP's load planner reads, for each
+rank of the new (TP, DP) layout, only the bytes that overlap what that rank owns (or whole tensors in one process).
 
-**Commit protocol** (:func:`save_parallel`): rank 0 clears a stale partial directory of the same step -> broadcast ->
-every rank writes its shard and its RNG file (sha256 computed while writing) -> all-gather of the file records (this
-is the barrier: nothing below happens before every rank finished) -> rank 0 writes ``common.pt`` records into
-``manifest.json``, then ``COMMITTED``, then ``latest``, then prunes old steps -> barrier. A writer killed at any
+**Commit protocol** (:class:`simflow.checkpoint.manager.Checkpointer`): rank 0 clears a stale partial directory of
+the same step -> every rank writes its DCP chunks and its RNG file, then hashes its own files (streamed) -> the file
+records are gathered (nothing below happens before every rank finished, and none if any tensor is non-finite) ->
+rank 0 writes ``manifest.json``, then ``COMMITTED``, then ``latest``, then prunes old steps. A writer killed at any
 point leaves a directory without a valid marker, which discovery skips with the reason.
 
-Loading uses ``torch.load(weights_only=True)``: checkpoints hold tensors and plain containers only.
+Loading never unpickles objects: DCP tensors and RNG files through ``torch.load(weights_only=True)``, the rest JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import math
 import re
-import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,10 +49,12 @@ log = logging.getLogger("simflow")
 STEP_RE = re.compile(r"^step-(\d{7,})$")
 MARKER = "COMMITTED"
 MANIFEST = "manifest.json"
-COMMON = "common.pt"
+COMMON = "common.json"
+DCP_METADATA = ".metadata"
 LATEST = "latest"
-FORMAT = "simflow-checkpoint/2"
-_TENSOR = "__tensor__"
+FORMAT = "simflow-checkpoint/3"
+CONVERT_COMMAND = "python tools/convert_checkpoint.py {src} {dst}"
+ENGINE_PARTS = ("generator", "discriminator")
 
 
 class CheckpointError(RuntimeError):
@@ -64,37 +66,38 @@ def step_dir(root: str, step: int) -> str:
     return storage.join(root, f"step-{step:07d}")
 
 
-def shard_name(rank: int, world: int) -> str:
-    """File name of rank ``rank``'s share of the shared state in a ``world``-rank checkpoint."""
-    return f"shard-{rank:05d}-of-{world:05d}.pt"
-
-
 def rng_name(rank: int) -> str:
     """File name of rank ``rank``'s RNG states."""
     return f"rng-{rank:05d}.pt"
 
 
+def rank_file_prefix(rank: int) -> str:
+    """Prefix of the DCP data files rank ``rank`` writes (``FileSystemWriter`` names them ``__<rank>_<n>.distcp``)."""
+    return f"__{rank}_"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # process group helper (works without torch.distributed)
 class Group:
-    """Rank, world size and the three collectives the checkpoint code needs, over the default process group, or a
-    trivial group of one when ``torch.distributed`` is not initialised."""
+    """Rank, world size and the collectives the checkpoint code needs, over ``pg`` (default: the default process
+    group), or a trivial group of one when ``torch.distributed`` is not initialised."""
 
-    def __init__(self):
+    def __init__(self, pg: Optional[Any] = None):
         self.on = dist.is_available() and dist.is_initialized()
+        self.pg = pg
         self.rank = dist.get_rank() if self.on else 0
         self.world = dist.get_world_size() if self.on else 1
 
     def barrier(self) -> None:
         if self.on:
-            dist.barrier()
+            dist.barrier(group=self.pg)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """``obj`` of rank ``src`` on every rank (picklable objects only)."""
         if not self.on:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=self.pg)
         return box[0]
 
     def all_gather(self, obj: Any) -> List[Any]:
@@ -102,186 +105,197 @@ class Group:
         if not self.on:
             return [obj]
         out: List[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.pg)
         return out
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank iff ``flag`` is true on every rank (one small all-reduce)."""
+        if not self.on:
+            return bool(flag)
+        t = torch.tensor([0 if flag else 1], dtype=torch.int32)
+        dist.all_reduce(t, group=self.pg)
+        return int(t.item()) == 0
+
+
+class _SingleGroup(Group):
+    def __init__(self):
+        self.on, self.pg, self.rank, self.world = False, None, 0, 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# structure <-> tensors
-def flatten(obj: Any) -> Tuple[Any, Dict[str, torch.Tensor]]:
-    """Split a nested state (dicts, lists, tuples, tensors, scalars) into a tensor-free skeleton and a flat
-    ``{key: tensor}`` dict. Keys are ``/``-joined paths (e.g. ``generator/module/flow.head.weight``); the skeleton
-    holds ``{"__tensor__": key}`` where each tensor was. Tensors are moved to CPU; views are copied so that only
-    their own elements are saved."""
-    tensors: Dict[str, torch.Tensor] = {}
-
-    def walk(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            key = path
-            n = 1
-            while key in tensors:
-                key, n = f"{path}#{n}", n + 1
-            t = x.detach().cpu()
-            if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
-                t = t.clone(memory_format=torch.contiguous_format)
-            tensors[key] = t
-            return {_TENSOR: key}
-        if isinstance(x, dict):
-            if _TENSOR in x:
-                raise CheckpointError(f"state at {path!r} uses the reserved key {_TENSOR!r}")
-            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            out = [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
-            return tuple(out) if isinstance(x, tuple) else out
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise CheckpointError(f"state at {path!r} has a {type(x).__name__}; checkpoints hold tensors, containers "
-                              f"and Python scalars only")
-
-    return walk(obj, ""), tensors
+# files: streamed hashing, JSON and RNG files
+def hash_file(location: str, chunk: int = 1 << 22) -> Dict[str, Any]:
+    """``{"bytes", "sha256"}`` of a file, read in ``chunk``-byte pieces (never whole in memory)."""
+    fs, path = storage.split(location)
+    h, n = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+    return {"bytes": n, "sha256": h.hexdigest()}
 
 
-def unflatten(skeleton: Any, tensors: Dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`flatten`."""
-    if isinstance(skeleton, dict):
-        if set(skeleton) == {_TENSOR}:
-            return tensors[skeleton[_TENSOR]]
-        return {k: unflatten(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, list):
-        return [unflatten(v, tensors) for v in skeleton]
-    if isinstance(skeleton, tuple):
-        return tuple(unflatten(v, tensors) for v in skeleton)
-    return skeleton
+def check_file(location: str, expect: Dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` unless the file has the manifest record's size and sha256 (streamed)."""
+    name = storage.basename(location)
+    try:
+        got = hash_file(location)
+    except FileNotFoundError:
+        raise CheckpointError(f"{location}: missing file {name}") from None
+    if got["bytes"] != expect["bytes"]:
+        raise CheckpointError(f"{location}: {name} has {got['bytes']} bytes, manifest says {expect['bytes']} "
+                              f"(truncated?)")
+    if got["sha256"] != expect["sha256"]:
+        raise CheckpointError(f"{location}: {name} sha256 mismatch (corrupt)")
 
 
-def _tensor_keys(skeleton: Any) -> List[str]:
-    out: List[str] = []
-
-    def walk(x):
-        if isinstance(x, dict):
-            if set(x) == {_TENSOR}:
-                out.append(x[_TENSOR])
-            else:
-                for v in x.values():
-                    walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-
-    walk(skeleton)
-    return out
-
-
-def assign(tensors: Dict[str, torch.Tensor], world: int) -> List[List[str]]:
-    """Deterministic balanced split of tensor keys over ``world`` writers: largest first (ties by key) onto the rank
-    with the fewest bytes so far (ties: lowest rank). Every rank computes the same plan from the same state."""
-    load = [0] * world
-    plan: List[List[str]] = [[] for _ in range(world)]
-    for key in sorted(tensors, key=lambda k: (-tensors[k].numel() * tensors[k].element_size(), k)):
-        r = min(range(world), key=lambda i: (load[i], i))
-        plan[r].append(key)
-        load[r] += tensors[key].numel() * tensors[key].element_size()
-    return plan
-
-
-def _save_obj(obj: Any, location: str) -> Dict[str, Any]:
+def save_torch(obj: Any, location: str) -> Dict[str, Any]:
+    """``torch.save`` atomically; returns the file record (sha256 computed while writing)."""
     with storage.open_atomic(location) as w:
         torch.save(obj, w)
     return {"bytes": w.bytes, "sha256": w.sha256.hexdigest()}
 
 
-def _load_obj(location: str, expect: Optional[Dict[str, Any]] = None) -> Any:
-    """``torch.load`` a file, checking its size and sha256 against the manifest record ``expect``."""
+def save_json(obj: Any, location: str) -> Dict[str, Any]:
+    """JSON file written atomically; returns its file record."""
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    return {"bytes": len(data), "sha256": storage.write_bytes(location, data)}
+
+
+def load_torch(location: str, expect: Optional[Dict[str, Any]] = None) -> Any:
+    """``torch.load(weights_only=True)`` of a small file, checked against its manifest record ``expect``.
+
+    Raises:
+        CheckpointError: size/sha256 differ, or the file cannot be loaded safely (names the file and the reason).
+    """
     data = storage.read_bytes(location)
     if expect is not None:
         if len(data) != expect["bytes"]:
             raise CheckpointError(f"{location}: {len(data)} bytes, manifest says {expect['bytes']} (truncated?)")
         if hashlib.sha256(data).hexdigest() != expect["sha256"]:
             raise CheckpointError(f"{location}: sha256 differs from the manifest (corrupt)")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors, objects that weights_only refuses
+        raise CheckpointError(f"{location}: cannot be loaded safely (torch.load weights_only=True): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def load_json(location: str, expect: Optional[Dict[str, Any]] = None) -> Any:
+    data = storage.read_bytes(location)
+    if expect is not None and (len(data) != expect["bytes"] or hashlib.sha256(data).hexdigest() != expect["sha256"]):
+        raise CheckpointError(f"{location}: differs from the manifest (size or sha256; corrupt or truncated)")
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise CheckpointError(f"{location}: unreadable JSON: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# save
-def save_parallel(
-    root: str,
-    step: int,
-    shared: Dict[str, Any],
-    meta: Dict[str, Any],
-    rank_state: Optional[Any] = None,
-    keep: int = 2,
-    group: Optional[Group] = None,
-) -> str:
-    """Collective: write step ``step`` under ``root`` from every rank and commit it; returns the step location.
+# DCP I/O
+def _writer(d: str):
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    Args:
-        root: checkpoint root (local path or ``s3://bucket/prefix``).
-        step: optimizer step count of the state.
-        shared: ``{part name: state}``, **identical on every rank** (engine states, loader, trainer counters).
-        meta: JSON-serialisable run metadata for the manifest (``run_id``, ``config``, ``code_version``, ...).
-        rank_state: this rank's own state (RNG), saved as ``rng-<rank>.pt``; None to skip.
-        keep: committed steps to keep (older ones are deleted after the commit).
-        group: :class:`Group` (default: the default process group, or one process).
+    return FileSystemWriter(d, sync_files=True) if storage.is_local(d) else FsspecWriter(d, sync_files=True)
 
-    If ``step`` is already committed and verifies, nothing is written (idempotent re-save after a resume).
+
+def _verifying_reader(d: str, files: Dict[str, Dict[str, Any]], stats: Optional[Dict[str, int]] = None):
+    """A DCP storage reader for ``d`` that checks, before reading them, the size and sha256 (streamed) of exactly
+    the files this rank's load plan touches, and counts the bytes it reads in ``stats``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    base = FileSystemReader if storage.is_local(d) else FsspecReader
+
+    class VerifyingReader(base):
+        def read_metadata(self, *args, **kwargs):
+            check_file(storage.join(d, DCP_METADATA), _record(d, files, DCP_METADATA))
+            return super().read_metadata(*args, **kwargs)
+
+        def read_data(self, plan, planner):
+            names = sorted({self.storage_data[it.storage_index].relative_path for it in plan.items})
+            for name in names:
+                check_file(storage.join(d, name), _record(d, files, name))
+            if stats is not None:
+                stats["files"] = stats.get("files", 0) + len(names)
+                stats["hashed_bytes"] = stats.get("hashed_bytes", 0) + sum(files[n]["bytes"] for n in names)
+                stats["bytes"] = stats.get("bytes", 0) + sum(
+                    self.storage_data[it.storage_index].length for it in plan.items)
+            return super().read_data(plan, planner)
+
+    return VerifyingReader(d)
+
+
+def _record(d: str, files: Dict[str, Dict[str, Any]], name: str) -> Dict[str, Any]:
+    if name not in files:
+        raise CheckpointError(f"{d}: {name} is not listed in the manifest")
+    return files[name]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns on every single-process call (``no_dist``) and on every S3 stream it cannot fsync (s3fs objects
+    become visible only when complete, which the commit protocol relies on instead)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="fsync not supported")
+        yield
+
+
+def write_tensors(d: str, tensors: Dict[str, torch.Tensor], group: Group) -> Dict[str, Dict[str, Any]]:
+    """Collective over ``group``: ``dcp.save`` of this rank's tensors (plain tensors or
+    :class:`~simflow.checkpoint.sharded.FlatShard` chunks) into ``d``; then each rank hashes its own files
+    (streamed). Returns this rank's file records ``{name: {"bytes", "sha256"}}`` (rank 0's include ``.metadata``)."""
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet():
+        dcp.save(tensors, storage_writer=_writer(d), process_group=group.pg, no_dist=not group.on)
+    return own_files(d, group.rank)
+
+
+def own_files(d: str, rank: int) -> Dict[str, Dict[str, Any]]:
+    """File records of the DCP files rank ``rank`` wrote into ``d`` (plus ``.metadata`` for rank 0)."""
+    names = [n for n in storage.listdir(d) if n.startswith(rank_file_prefix(rank)) and n.endswith(".distcp")]
+    if rank == 0:
+        names.append(DCP_METADATA)
+    return {n: hash_file(storage.join(d, n)) for n in names}
+
+
+def read_tensors(d: str, targets: Dict[str, torch.Tensor], files: Dict[str, Dict[str, Any]], group: Group,
+                 stats: Optional[Dict[str, int]] = None) -> None:
+    """Collective over ``group``: fill ``targets`` (plain tensors or FlatShards, in place) from the DCP data in
+    ``d``; each rank verifies the files it reads against the manifest records ``files`` first.
+
+    Raises:
+        CheckpointError: a file is missing, truncated or corrupt, or the data does not fit the targets.
     """
-    g = group or Group()
-    d = step_dir(root, step)
-    status = None
-    if g.rank == 0:
-        status = "write"
-        if storage.exists(storage.join(d, MARKER)) and verify(d)[0]:
-            status = "exists"
-        elif storage.exists(d):
-            log.warning("removing incomplete checkpoint %s before rewriting step %d", d, step)
-            storage.rmtree(d)
-        storage.makedirs(d)
-    status = g.broadcast(status)
-    if status == "exists":
-        return d
-    skeleton, tensors = flatten(shared)
-    plan = assign(tensors, g.world)
-    index = {k: shard_name(r, g.world) for r, keys in enumerate(plan) for k in keys}
-    records: Dict[str, Dict[str, Any]] = {}
-    if plan[g.rank]:
-        name = shard_name(g.rank, g.world)
-        records[name] = _save_obj({k: tensors[k] for k in plan[g.rank]}, storage.join(d, name))
-    if rank_state is not None:
-        records[rng_name(g.rank)] = _save_obj(rank_state, storage.join(d, rng_name(g.rank)))
-    if g.rank == 0:
-        records[COMMON] = _save_obj({"skeleton": skeleton, "index": index}, storage.join(d, COMMON))
-    gathered = g.all_gather(records)  # every rank has finished writing past this point
-    if g.rank == 0:
-        files: Dict[str, Dict[str, Any]] = {}
-        for rec in gathered:
-            files.update(rec)
-        manifest = {
-            **meta,
-            "format": FORMAT,
-            "step": int(step),
-            "time": time.time(),
-            "world_size": g.world,
-            "parts": sorted(shared),
-            "rng_files": rank_state is not None,
-            "files": files,
-        }
-        text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        msha = storage.write_bytes(storage.join(d, MANIFEST), text)
-        storage.write_bytes(storage.join(d, MARKER), json.dumps({"step": int(step), "manifest_sha256": msha}).encode())
-        storage.write_bytes(storage.join(root, LATEST), f"{storage.basename(d)}\n".encode())
-        prune(root, keep)
-    g.barrier()
-    return d
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet():
+            dcp.load(targets, storage_reader=_verifying_reader(d, files, stats), process_group=group.pg,
+                     no_dist=not group.on)
+    except CheckpointException as e:
+        causes = [f"rank {r}: {type(x).__name__}: {x}" for r, x in getattr(e, "failures", {}).items()]
+        raise CheckpointError(f"{d}: cannot be loaded ({'; '.join(causes) or e})") from None
+    except (CheckpointError, RuntimeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{d}: cannot be loaded: {type(e).__name__}: {e}") from None
 
 
-def save_checkpoint(root: str, step: int, parts: Dict[str, Any], meta: Dict[str, Any], keep: int = 2) -> str:
-    """Single-writer form of :func:`save_parallel` (one process, no RNG file); returns the step location."""
-    return save_parallel(root, step, parts, meta, None, keep, group=_SingleGroup())
+def tensor_index(d: str, files: Dict[str, Dict[str, Any]]) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """``{key: (full shape, dtype)}`` of every tensor in the DCP data of ``d`` (reads and verifies ``.metadata``)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-
-class _SingleGroup(Group):
-    def __init__(self):
-        self.on, self.rank, self.world = False, 0, 1
+    md = _verifying_reader(d, files).read_metadata()
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,11 +322,13 @@ def read_manifest(d: str) -> Dict[str, Any]:
         raise CheckpointError(f"{d}: {MANIFEST} unreadable: {e}") from None
 
 
-def verify(d: str) -> Tuple[bool, str]:
-    """(ok, reason): marker present and naming the manifest's hash, every listed file present with the manifest's
-    size and sha256."""
+def verify(d: str, deep: bool = True) -> Tuple[bool, str]:
+    """(ok, reason): marker present and naming the manifest's hash, the format readable by this code, every listed
+    file present with the manifest's size and, when ``deep``, its sha256 (streamed). Resume uses ``deep=False``
+    (sizes only, from listings) and lets each rank hash the files it reads (:func:`read_tensors`)."""
     try:
         manifest = read_manifest(d)
+        check_format(d, manifest)
     except CheckpointError as e:
         return False, str(e).split(": ", 1)[-1]
     for name, info in sorted(manifest.get("files", {}).items()):
@@ -323,10 +339,23 @@ def verify(d: str) -> Tuple[bool, str]:
             return False, f"missing file {name}"
         if n != info["bytes"]:
             return False, f"{name} has {n} bytes, manifest says {info['bytes']} (truncated?)"
-        h = hashlib.sha256(storage.read_bytes(loc)).hexdigest()
-        if h != info["sha256"]:
+        if deep and hash_file(loc)["sha256"] != info["sha256"]:
             return False, f"{name} sha256 mismatch (corrupt)"
     return True, "ok"
+
+
+def check_format(d: str, manifest: Dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` unless the manifest's format is :data:`FORMAT`; an old
+    ``simflow-checkpoint/2`` step (full tensors, one pickle per rank) is refused with the command that converts it."""
+    fmt = manifest.get("format")
+    if fmt == FORMAT:
+        return
+    if fmt == "simflow-checkpoint/2":
+        raise CheckpointError(
+            f"{d}: format 'simflow-checkpoint/2' (full tensors in shard-*.pt files) is not read by this code, which "
+            f"reads {FORMAT!r} (DCP-sharded); convert it with: "
+            f"{CONVERT_COMMAND.format(src=d, dst=storage.join(storage.join(d, '..'), 'converted'))}")
+    raise CheckpointError(f"{d}: format {fmt!r}, this code reads {FORMAT!r}")
 
 
 def list_steps(root: str) -> List[Tuple[int, str]]:
@@ -339,11 +368,15 @@ def list_steps(root: str) -> List[Tuple[int, str]]:
     return sorted(out)
 
 
-def find_latest_with_report(root: str) -> Tuple[Optional[str], List[Tuple[str, str]]]:
-    """(newest valid step location or None, [(skipped location, reason), ...] for newer invalid ones)."""
+def find_latest_with_report(root: str, deep: bool = True, exclude: Sequence[str] = ()
+                            ) -> Tuple[Optional[str], List[Tuple[str, str]]]:
+    """(newest valid step location or None, [(skipped location, reason), ...] for newer invalid ones).
+    ``deep``: also check every file's sha256 (:func:`verify`); ``exclude``: locations already found invalid."""
     skipped: List[Tuple[str, str]] = []
     for _, d in reversed(list_steps(root)):
-        ok, why = verify(d)
+        if d in exclude:
+            continue
+        ok, why = verify(d, deep)
         if ok:
             return d, skipped
         skipped.append((d, why))
@@ -373,45 +406,104 @@ def prune(root: str, keep: int) -> None:
             storage.rmtree(d)
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# load
-def load_checkpoint(d: str, parts: Optional[Sequence[str]] = None,
-                    verify_all: bool = True) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """``(parts, manifest)`` of a committed step directory.
+# full (unsharded) tensors in one process: tools, tests, offline sampling
+def engine_keys(part: str, state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Flat DCP keys and the JSON meta of an engine state given as full tensors (the ``LocalEngine`` layout:
+    ``{"module": {name: t}, "optimizer": {"state": {name: {"exp_avg", "exp_avg_sq", "step"}}}, "ema": {name: t},
+    "steps": n}``). Keys: ``<part>/module/<name>``, ``<part>/optim/<name>/exp_avg|exp_avg_sq``, ``<part>/ema/<name>``."""
+    tensors = {f"{part}/module/{k}": v for k, v in state.get("module", {}).items()}
+    optim_step: Dict[str, int] = {}
+    for name, st in (state.get("optimizer") or {}).get("state", {}).items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            tensors[f"{part}/optim/{name}/{k}"] = st[k]
+        optim_step[str(name)] = int(float(st.get("step", state.get("steps", 0))))
+    tensors.update({f"{part}/ema/{k}": v for k, v in (state.get("ema") or {}).items()})
+    meta = {"steps": int(state.get("steps", 0)), "optim_step": optim_step, "ema": sorted(state.get("ema") or {}),
+            "param_group": (state.get("optimizer") or {}).get("param_group", {})}
+    return tensors, meta
+
+
+def save_checkpoint(root: str, step: int, parts: Dict[str, Any], meta: Dict[str, Any], keep: int = 2) -> str:
+    """Single-process save of full tensors (tools, tests, the converter): engine parts (``generator``,
+    ``discriminator``) in the :func:`engine_keys` layout, other parts JSON-serialisable. Returns the step location.
+    Training saves through :class:`simflow.checkpoint.manager.Checkpointer`."""
+    from simflow.checkpoint.manager import commit, prepare_step_dir
+
+    g = _SingleGroup()
+    d = prepare_step_dir(root, step, g)
+    tensors: Dict[str, torch.Tensor] = {}
+    common: Dict[str, Any] = {}
+    for name, state in parts.items():
+        if name in ENGINE_PARTS:
+            t, m = engine_keys(name, state)
+            tensors.update({k: v.detach().contiguous() for k, v in t.items()})
+            common[name] = m
+        else:
+            common[name] = state
+    files = write_tensors(d, tensors, g)
+    files[COMMON] = save_json({"parts": common}, storage.join(d, COMMON))
+    commit(root, d, step, [files], {**meta, "world_size": 1, "rng_files": False, "parts": sorted(parts)}, keep)
+    return d
+
+
+def load_checkpoint(d: str, parts: Optional[Sequence[str]] = None, verify_all: bool = True,
+                    prefixes: Sequence[str] = ("module", "optim", "ema")) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(parts, manifest)`` of a committed step directory, with **full** tensors, in one process (no process group;
+    every byte of the requested tensors is read, so use it for offline work, not for resuming a large run).
 
     Args:
         d: step location.
-        parts: part names to load (default: all); only the shards holding their tensors are read.
-        verify_all: check every file of the step first (:func:`verify`); otherwise only the files read are
-            checked against the manifest (size and sha256), as they are read.
+        parts: part names to load (default: all).
+        verify_all: check every file of the step first (:func:`verify`); the files read are checked in any case.
+        prefixes: which tensors of an engine part to read (``module``, ``optim``, ``ema``).
+
+    Returns:
+        engine parts as ``{"module": {name: t}, "optimizer": {"state": {name: {"exp_avg", "exp_avg_sq", "step"}},
+        "param_group": {...}}, "ema": {name: t}, "steps": n}``; other parts as saved.
 
     Raises:
-        CheckpointError: the step does not verify, or a requested part is not in it.
+        CheckpointError: the step does not verify, has another format, or a requested part is not in it.
     """
     if verify_all:
         ok, why = verify(d)
         if not ok:
             raise CheckpointError(f"{d}: {why}")
     manifest = read_manifest(d)
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{d}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
+    check_format(d, manifest)
     files = manifest["files"]
-    common = _load_obj(storage.join(d, COMMON), files[COMMON])
-    skeleton, index = common["skeleton"], common["index"]
-    names = list(parts) if parts is not None else sorted(skeleton)
-    missing = [n for n in names if n not in skeleton]
+    common = load_json(storage.join(d, COMMON), _record(d, files, COMMON))["parts"]
+    names = list(parts) if parts is not None else sorted(common)
+    missing = [n for n in names if n not in common]
     if missing:
-        raise CheckpointError(f"{d}: no part(s) {missing}; it holds {sorted(skeleton)}")
-    want = {k for n in names for k in _tensor_keys(skeleton[n])}
-    tensors: Dict[str, torch.Tensor] = {}
-    for shard in sorted({index[k] for k in want}):
-        loaded = _load_obj(storage.join(d, shard), files.get(shard) or _missing(d, shard))
-        tensors.update({k: v for k, v in loaded.items() if k in want})
-    return {n: unflatten(skeleton[n], tensors) for n in names}, manifest
-
-
-def _missing(d: str, name: str):
-    raise CheckpointError(f"{d}: {name} is not listed in the manifest")
+        raise CheckpointError(f"{d}: no part(s) {missing}; it holds {sorted(common)}")
+    index = tensor_index(d, files)
+    want = {k: v for k, v in index.items() if k.split("/", 1)[0] in names and k.split("/")[1] in prefixes}
+    targets = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in want.items()}
+    if targets:
+        read_tensors(d, targets, files, _SingleGroup())
+    out: Dict[str, Any] = {}
+    for n in names:
+        if n not in ENGINE_PARTS:
+            out[n] = common[n]
+            continue
+        m = common[n]
+        st: Dict[str, Any] = {"module": {}, "optimizer": {"state": {}, "param_group": m.get("param_group", {})},
+                              "ema": {}, "steps": m["steps"]}
+        for k, t in targets.items():
+            pn, kind, rest = k.split("/", 2)
+            if pn != n:
+                continue
+            if kind == "optim":
+                pname, moment = rest.rsplit("/", 1)
+                st["optimizer"]["state"].setdefault(pname, {"step": torch.tensor(float(m["optim_step"][pname]))})
+                st["optimizer"]["state"][pname][moment] = t
+            else:
+                st[kind][rest] = t
+        out[n] = st
+    return out, manifest
 
 
 def load_rank_state(d: str, manifest: Dict[str, Any], rank: int, world: int) -> Tuple[Optional[Any], bool]:
@@ -422,11 +514,12 @@ def load_rank_state(d: str, manifest: Dict[str, Any], rank: int, world: int) -> 
     saved = int(manifest["world_size"])
     src = rank if saved == world else rank % saved
     name = rng_name(src)
-    return _load_obj(storage.join(d, name), manifest["files"][name]), saved == world
+    return load_torch(storage.join(d, name), _record(d, manifest["files"], name)), saved == world
 
 
 __all__ = [
-    "CheckpointError", "Group", "MARKER", "MANIFEST", "COMMON", "FORMAT", "STEP_RE", "step_dir", "flatten",
-    "unflatten", "assign", "save_parallel", "save_checkpoint", "read_manifest", "verify", "list_steps",
-    "find_latest", "find_latest_with_report", "prune", "load_checkpoint", "load_rank_state",
+    "CheckpointError", "Group", "MARKER", "MANIFEST", "COMMON", "FORMAT", "STEP_RE", "step_dir", "rng_name",
+    "hash_file", "check_file", "save_torch", "save_json", "load_torch", "load_json", "write_tensors", "read_tensors",
+    "own_files", "tensor_index", "read_manifest", "verify", "check_format", "list_steps", "find_latest",
+    "find_latest_with_report", "prune", "engine_keys", "save_checkpoint", "load_checkpoint", "load_rank_state",
 ]

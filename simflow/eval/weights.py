@@ -13,6 +13,10 @@ Two kinds of weights are accepted, both without unpickling arbitrary objects:
 
 The config (architecture) comes from a YAML file or a checkpoint manifest, plus ``key=value`` overrides; the
 weights must match it key for key and shape for shape, otherwise the error names the first mismatches.
+
+Both kinds are read through the checkpoint storage layer (:mod:`simflow.checkpoint.storage`), so a local path and an
+``s3://bucket/...`` location work alike; from a checkpoint only the weights and EMA tensors are read (not the
+optimizer moments), and every file read is checked against the manifest's sha256.
 """
 
 from __future__ import annotations
@@ -62,19 +66,29 @@ class WeightsSource:
 
 
 def _sha256(path: str) -> str:
-    from simflow.eval.features import sha256_file
+    from simflow.checkpoint.store import hash_file
 
-    return sha256_file(path)
+    return hash_file(path)["sha256"]
+
+
+def _where(path: str) -> str:
+    """Absolute path for a local location, the URL itself for object storage."""
+    from simflow.checkpoint import storage
+
+    return os.path.abspath(path) if storage.is_local(path) else path
 
 
 def resolve_checkpoint_dir(path: str) -> Optional[str]:
     """A committed step directory for ``path`` (a step directory or a checkpoint root), or None if ``path`` is not a
     checkpoint directory. Raises :class:`WeightsError` for a checkpoint root without a valid step."""
+    from simflow.checkpoint import storage
     from simflow.checkpoint.store import MANIFEST, find_latest, list_steps
 
-    if not os.path.isdir(path):
+    if storage.is_local(path) and not os.path.isdir(path):
         return None
-    if os.path.isfile(os.path.join(path, MANIFEST)):
+    if not storage.is_local(path) and path.endswith(STATE_SUFFIXES):
+        return None
+    if storage.exists(storage.join(path, MANIFEST)):
         return path
     if list_steps(path):
         d = find_latest(path)
@@ -85,10 +99,10 @@ def resolve_checkpoint_dir(path: str) -> Optional[str]:
 
 
 def read_manifest(step_dir: str) -> Dict[str, Any]:
+    from simflow.checkpoint import storage
     from simflow.checkpoint.store import MANIFEST
 
-    with open(os.path.join(step_dir, MANIFEST)) as f:
-        return json.load(f)
+    return json.loads(storage.read_bytes(storage.join(step_dir, MANIFEST)))
 
 
 def resolve_config(config: Optional[str], weights: Optional[str] = None,
@@ -129,6 +143,16 @@ def resolve_config(config: Optional[str], weights: Optional[str] = None,
 
 
 def _read_state_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    from simflow.checkpoint import storage
+
+    if not storage.is_local(path):  # object storage: stream into a temporary local file, then read it as usual
+        import tempfile
+
+        fs, key = storage.split(path)
+        with tempfile.TemporaryDirectory(prefix="simflow-weights-") as tmp:
+            local = os.path.join(tmp, os.path.basename(key))
+            fs.get_file(key, local)
+            return _read_state_file(local)
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open
@@ -155,7 +179,8 @@ def _checkpoint_state(step_dir: str, use_ema: bool) -> Tuple[Dict[str, torch.Ten
     from simflow.checkpoint import storage
 
     try:
-        parts, manifest = load_checkpoint(step_dir, parts=["generator"])
+        parts, manifest = load_checkpoint(step_dir, parts=["generator"], verify_all=False,
+                                          prefixes=("module",) + (("ema",) if use_ema else ()))
     except CheckpointError as e:
         raise WeightsError(str(e)) from None
     gen = parts["generator"]
@@ -175,7 +200,7 @@ def _checkpoint_state(step_dir: str, use_ema: bool) -> Tuple[Dict[str, torch.Ten
     # The commit marker names the manifest's sha256, and the manifest the sha256 of every file: one digest that
     # identifies the whole (verified) checkpoint.
     marker = json.loads(storage.read_bytes(storage.join(step_dir, MARKER)))
-    src = WeightsSource(os.path.abspath(step_dir), "checkpoint", marker["manifest_sha256"], bool(use_ema),
+    src = WeightsSource(_where(step_dir), "checkpoint", marker["manifest_sha256"], bool(use_ema),
                         int(manifest.get("step", -1)), manifest.get("run_id"),
                         {"ema_entries": len(ema) if use_ema else 0})
     return state, src
@@ -195,13 +220,15 @@ def load_state(weights: str, use_ema: bool = True) -> Tuple[Dict[str, torch.Tens
     Raises:
         WeightsError: missing/unreadable file, or ``use_ema=False`` with an export file.
     """
-    if not weights or not os.path.exists(weights):
+    from simflow.checkpoint import storage
+
+    if not weights or not storage.exists(weights):
         raise WeightsError(
             f"weights not found: {weights!r} (expected an exported weights.safetensors or a checkpoint directory)")
     step_dir = resolve_checkpoint_dir(weights)
     if step_dir is not None:
         return _checkpoint_state(step_dir, use_ema)
-    if os.path.isdir(weights):
+    if storage.is_local(weights) and os.path.isdir(weights):
         raise WeightsError(f"{weights}: a directory, but not a checkpoint (no manifest.json, no step-* folders)")
     if not weights.endswith(STATE_SUFFIXES):
         raise WeightsError(
@@ -212,7 +239,7 @@ def load_state(weights: str, use_ema: bool = True) -> Tuple[Dict[str, torch.Tens
         )
     state, meta = _read_state_file(weights)
     step = meta.get("step")
-    src = WeightsSource(os.path.abspath(weights), "export", _sha256(weights), True,
+    src = WeightsSource(_where(weights), "export", _sha256(weights), True,
                         int(step) if step is not None and str(step).lstrip("-").isdigit() else None, meta.get("run_id"))
     return state, src
 

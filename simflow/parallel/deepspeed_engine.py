@@ -533,6 +533,121 @@ class DeepSpeedEngine(Engine):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
+    # ------------------------------------------------------------------------------------------------------
+    # sharded state (checkpoints): this rank's partitions only, never gathered
+    def _shard(self, p: nn.Parameter, flat: torch.Tensor):
+        """``flat`` (this rank's ZeRO-3 partition of ``p`` or of its moment/EMA) as chunks of the full tensor."""
+        from simflow.checkpoint.sharded import FlatShard, zero3_range
+
+        n_local, part = int(p.ds_numel), int(p.ds_tensor.ds_numel)
+        if part != -(-n_local // self.dp_size):
+            raise RuntimeError(f"{self.role} engine: {self._names[id(p)]!r} has a ZeRO-3 partition of {part} "
+                               f"elements, expected ceil({n_local}/{self.dp_size}); unknown DeepSpeed partitioning")
+        start, stop = zero3_range(n_local, self.dp_rank, self.dp_size)
+        dim = tp_partition_dim(p) if self.tp_size > 1 else None
+        return FlatShard.wrap(flat, self._full_shape(p), dim, self.tp_rank, self.tp_size, start, stop)
+
+    def sharded_state(self) -> Tuple[Dict[str, torch.Tensor], Dict]:
+        """CPU copies of this rank's ZeRO-3 partitions of the fp32 weights, both AdamW moments and the EMA, as
+        chunks of the full tensors (:class:`~simflow.checkpoint.sharded.FlatShard`); buffers (e.g. BatchNorm
+        running statistics, which differ per DP rank) are taken from DP rank 0 / TP rank 0 only, so the saved state
+        does not depend on which rank writes what. Extra memory: this rank's share (~1/DP of the state)."""
+        from deepspeed.utils import safe_get_local_optimizer_state
+
+        have_state = any("exp_avg" in self.optimizer.state.get(f, {}) for f in self._flat_partitions())
+        cpu = torch.device("cpu")
+        out: Dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            out[f"module/{name}"] = self._shard(p, self._local_fp32(p).detach().to(cpu, torch.float32, copy=True))
+            if have_state and name in self._trainable:
+                for k in ADAM_KEYS:
+                    local = safe_get_local_optimizer_state(p, k).view(-1)
+                    out[f"optim/{name}/{k}"] = self._shard(p, local.detach().to(cpu, torch.float32, copy=True))
+            if name in self.ema:
+                out[f"ema/{name}"] = self._shard(p, self.ema[name].detach().to(cpu, torch.float32, copy=True))
+        if self.dp_rank == 0 and self.tp_rank == 0:
+            out.update({f"module/{k}": b.detach().to(cpu, copy=True) for k, b in self.inner.named_buffers()
+                        if b is not None})
+        g = self.optimizer.param_groups[0]
+        return out, {"steps": self.steps, "optim_step": {n: self.steps for n in self._trainable} if have_state else {},
+                     "ema": sorted(self.ema),
+                     "param_group": {k: v for k, v in g.items() if isinstance(v, (int, float, str, bool))}}
+
+    def load_targets(self, meta: Dict) -> Dict[str, torch.Tensor]:
+        """Zeroed partition-sized buffers (as FlatShards of this rank's chunks at the *current* TP/DP layout) for
+        every parameter, its moments (when the checkpoint has them) and its EMA, and full buffers."""
+        unknown = sorted(set(meta.get("optim_step", {})) - set(self._trainable))
+        if unknown:
+            raise KeyError(f"{self.role} state: optimizer state for {unknown[:5]}, which this model does not train")
+        if set(meta.get("ema", [])) != set(self.ema):
+            raise KeyError(f"{self.role} state: checkpoint EMA entries {sorted(meta.get('ema', []))[:5]} differ from "
+                           f"the ones this model tracks {sorted(self.ema)[:5]}")
+        out: Dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            part = int(p.ds_tensor.ds_numel)
+            out[f"module/{name}"] = self._shard(p, torch.zeros(part, dtype=torch.float32))
+            if name in meta.get("optim_step", {}):
+                for k in ADAM_KEYS:
+                    out[f"optim/{name}/{k}"] = self._shard(p, torch.zeros(part, dtype=torch.float32))
+            if name in self.ema:
+                out[f"ema/{name}"] = self._shard(p, torch.zeros(part, dtype=torch.float32))
+        if self.dp_rank == 0 and self.tp_rank == 0:  # the others receive them by broadcast (apply_loaded)
+            out.update({f"module/{k}": torch.zeros_like(b, device="cpu") for k, b in self.inner.named_buffers()
+                        if b is not None})
+        return out
+
+    @torch.no_grad()
+    def apply_loaded(self, tensors: Dict[str, torch.Tensor], meta: Dict) -> None:
+        """Copy the loaded partitions into the fp32 master weights, ZeRO-3 partitions, AdamW state and EMA; set the
+        step counts and the LR. Parameters without saved moments get zero moments (torch's AdamW has no state for a
+        parameter that never had a gradient)."""
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        def local(key: str) -> torch.Tensor:
+            return tensors[key].as_subclass(torch.Tensor).to(self.device)
+
+        ostate = meta.get("optim_step", {})
+        if ostate:
+            self._adam_state()
+        for name, p in self._params.items():
+            w = local(f"module/{name}")
+            i = self._trainable.get(name)
+            if i is None:  # not trained: only the ZeRO-3 partition exists
+                p.ds_tensor.data.copy_(w[: p.ds_tensor.numel()].view_as(p.ds_tensor).to(p.ds_tensor.dtype))
+            else:
+                safe_set_local_fp32_param(p, w)
+                self._sync_compute_partition(p)
+            if name in ostate:
+                for k in ADAM_KEYS:
+                    safe_set_local_optimizer_state(p, local(f"optim/{name}/{k}"), k)
+            elif i is not None and ostate:
+                zeros = torch.zeros(int(p.ds_tensor.ds_numel), dtype=torch.float32, device=self.device)
+                for k in ADAM_KEYS:
+                    safe_set_local_optimizer_state(p, zeros, k)
+            if name in self.ema:
+                self.ema[name].copy_(local(f"ema/{name}"))
+        for k, b in self.inner.named_buffers():
+            if b is not None and f"module/{k}" in tensors:
+                b.copy_(tensors[f"module/{k}"].to(b.device, b.dtype))
+        # buffers were read by DP rank 0 / TP rank 0 only (so no rank reads another rank's file for them at the
+        # same layout): send them down its TP group, then down every DP group
+        for group, size, first in ((self.tp_group, self.tp_size, self.dp_rank == 0), (self.dp_group, self.dp_size, True)):
+            if size > 1 and first:
+                for _, b in self.inner.named_buffers():
+                    if b is not None:
+                        dist.broadcast(b.data, src=dist.get_global_rank(group, 0), group=group)
+        self.steps = int(meta["steps"])
+        if ostate:
+            for flat in self._flat_partitions():
+                self.optimizer.state[flat]["step"] = torch.tensor(float(self.steps), dtype=torch.float32)
+        self._ds.global_steps = self.steps
+        self._ds.micro_steps = self.steps * self.grad_accumulation
+        self._micro = 0
+        s = self._sched
+        lr = lr_at(self.steps, s["lr"], s["warmup_steps"], s["schedule"], s["total_steps"], s["min_lr"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
     def full_state_dict(self, ema: bool = True) -> Dict[str, torch.Tensor]:
         """Full fp32 weights on CPU, keys of the plain (TP=1) module: parameters (EMA values for tracked ones when
         ``ema``) and floating buffers. Collective: every rank calls it and gets the same dict."""
@@ -544,6 +659,22 @@ class DeepSpeedEngine(Engine):
             if b.is_floating_point():
                 out[k] = b.float()
         return out
+
+    def full_tensor_specs(self, ema: bool = True) -> List[Tuple[str, List[int], torch.dtype]]:
+        """``[(name, full shape, dtype)]`` of what :meth:`iter_full_state` yields, in its order."""
+        out = [(name, self._full_shape(p), torch.float32) for name, p in self._params.items()]
+        out += [(k, list(b.shape), torch.float32) for k, b in self.inner.named_buffers()
+                if b is not None and b.is_floating_point()]
+        return out
+
+    def iter_full_state(self, ema: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+        """:meth:`full_state_dict`, one tensor at a time (collective per parameter: every rank iterates fully)."""
+        for name, p in self._params.items():
+            src = self.ema[name] if (ema and name in self.ema) else self._local_fp32(p)
+            yield name, self._gather_full(p, src)
+        for k, b in self.inner.named_buffers():
+            if b is not None and b.is_floating_point():
+                yield k, b.detach().float().cpu()
 
     @contextlib.contextmanager
     def full_params(self, ema: bool = True) -> Iterator[nn.Module]:

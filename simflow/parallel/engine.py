@@ -7,6 +7,7 @@ The trainer never touches optimizers, gradient scaling, sharding or process grou
     stats = engine.step()             # at the accumulation boundary: clip, optimizer step, zero grads, LR schedule
     engine.ema_update()               # EMA of the configured sub-modules, kept in the same sharding as the params
     engine.state_dict() / engine.load_state_dict(sd)   # everything needed to continue (weights, optimizer, EMA, LR)
+    engine.sharded_state() / load_targets(meta) / apply_loaded(t, meta)   # the same, as this rank's shards only
     engine.full_state_dict(ema=True)  # full (unsharded) fp32 weights for export / single-process sampling
     with engine.full_params(ema=True): ...   # temporarily run the module with full (EMA) weights, e.g. sampling
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -87,6 +88,22 @@ class Engine:
         raise NotImplementedError
 
     def full_state_dict(self, ema: bool = True) -> Dict[str, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def sharded_state(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:  # pragma: no cover - interface
+        """``(tensors, meta)`` for a sharded checkpoint: CPU *copies* of what this rank owns, keyed
+        ``module/<name>`` (weights and buffers), ``optim/<name>/exp_avg|exp_avg_sq``, ``ema/<name>``, as full
+        tensors or :class:`~simflow.checkpoint.sharded.FlatShard` chunks of them; ``meta`` is JSON (step counts,
+        optimizer hyper-parameters, EMA names). Safe to write while training continues."""
+        raise NotImplementedError
+
+    def load_targets(self, meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:  # pragma: no cover - interface
+        """Fresh buffers, keyed as in :meth:`sharded_state`, that a DCP load fills with this rank's part of a
+        checkpoint whose ``meta`` is given. Raises KeyError when ``meta`` names state this model does not have."""
+        raise NotImplementedError
+
+    def apply_loaded(self, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:  # pragma: no cover
+        """Install the buffers of :meth:`load_targets` after the load filled them (weights, moments, EMA, steps, LR)."""
         raise NotImplementedError
 
     def full_params(self, ema: bool = True) -> contextlib.AbstractContextManager:  # pragma: no cover - interface
@@ -197,11 +214,72 @@ class LocalEngine(Engine):
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.steps, **self._sched)
 
+    def _named_trainable(self) -> Dict[str, torch.nn.Parameter]:
+        ids = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        return {n: p for n, p in self.module.named_parameters() if id(p) in ids}
+
+    def sharded_state(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """One process owns everything: full tensors (see :meth:`Engine.sharded_state`)."""
+        tensors = {f"module/{k}": v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        optim_step: Dict[str, int] = {}
+        for name, p in self._named_trainable().items():
+            st = self.optimizer.state.get(p, {})
+            if "exp_avg" in st:
+                optim_step[name] = int(float(st["step"]))
+                for k in ("exp_avg", "exp_avg_sq"):
+                    tensors[f"optim/{name}/{k}"] = st[k].detach().to("cpu", copy=True)
+        tensors.update({f"ema/{k}": v.detach().to("cpu", copy=True) for k, v in self.ema.items()})
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        return tensors, {"steps": self.steps, "optim_step": optim_step, "ema": sorted(self.ema),
+                         "param_group": {k: v for k, v in group.items() if isinstance(v, (int, float, str, bool))}}
+
+    def load_targets(self, meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        trainable = self._named_trainable()
+        unknown = sorted(set(meta.get("optim_step", {})) - set(trainable))
+        if unknown:
+            raise KeyError(f"checkpoint has optimizer state for {unknown[:5]}, which this model does not train")
+        if set(meta.get("ema", [])) != set(self.ema):
+            raise KeyError(f"checkpoint EMA entries {sorted(meta.get('ema', []))[:5]}... differ from the ones this "
+                           f"model tracks {sorted(self.ema)[:5]}...")
+        out = {f"module/{k}": torch.empty_like(v, device="cpu") for k, v in self.module.state_dict().items()}
+        for name in meta.get("optim_step", {}):
+            for k in ("exp_avg", "exp_avg_sq"):
+                out[f"optim/{name}/{k}"] = torch.zeros_like(trainable[name], dtype=torch.float32, device="cpu")
+        out.update({f"ema/{k}": torch.empty_like(v, device="cpu") for k, v in self.ema.items()})
+        return out
+
+    @torch.no_grad()
+    def apply_loaded(self, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+        self.module.load_state_dict({k[len("module/"):]: v for k, v in tensors.items() if k.startswith("module/")})
+        self.optimizer.state.clear()
+        for name, p in self._named_trainable().items():
+            if name in meta.get("optim_step", {}):
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(meta["optim_step"][name]), dtype=torch.float32),
+                    "exp_avg": tensors[f"optim/{name}/exp_avg"].to(p.device, p.dtype),
+                    "exp_avg_sq": tensors[f"optim/{name}/exp_avg_sq"].to(p.device, p.dtype)}
+        for k, e in self.ema.items():
+            e.copy_(tensors[f"ema/{k}"])
+        self.steps = int(meta["steps"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.steps, **self._sched)
+
     def full_state_dict(self, ema: bool = True) -> Dict[str, torch.Tensor]:
         sd = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items() if v.is_floating_point()}
         if ema:
             sd.update({k: v.cpu().clone() for k, v in self.ema.items()})
         return sd
+
+    def full_tensor_specs(self, ema: bool = True) -> List[Tuple[str, List[int], torch.dtype]]:
+        """``[(name, shape, dtype)]`` of what :meth:`iter_full_state` yields, in its order."""
+        return [(k, list(v.shape), torch.float32) for k, v in self.module.state_dict().items() if v.is_floating_point()]
+
+    def iter_full_state(self, ema: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+        """:meth:`full_state_dict`, one tensor at a time (fp32 CPU; EMA values for tracked ones when ``ema``)."""
+        for k, v in self.module.state_dict().items():
+            if v.is_floating_point():
+                src = self.ema[k] if (ema and k in self.ema) else v
+                yield k, src.detach().float().cpu()
 
     @contextlib.contextmanager
     def full_params(self, ema: bool = True) -> Iterator[nn.Module]:

@@ -31,8 +31,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from simflow.checkpoint.lock import RunLock, RunLockError, ensure_run_id
-from simflow.checkpoint.store import (CheckpointError, Group, find_latest_with_report, load_checkpoint,
-                                      load_rank_state, save_parallel)
+from simflow.checkpoint.manager import Checkpointer
+from simflow.checkpoint.store import CheckpointError, Group
 from simflow.config import SimFlowConfig, from_dict, to_dict
 from simflow.losses.joint import discriminator_loss, generator_loss, nll_lower_bound
 from simflow.models.discriminator import NLayerDiscriminator
@@ -153,6 +153,9 @@ class Trainer:
 
         self.loader = build_loader(cfg, self.topo.dp_rank, self.topo.dp_size)
         self.step = 0
+        self.checkpointer = Checkpointer(self.ckpt_dir, {"generator": self.gen, "discriminator": self.disc},
+                                         self.loader, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                                         rng_get=rng_state, rng_set=set_rng_state)
         self.metrics = MetricsLogger(self.out_dir, cfg.logging.wandb, cfg.logging.project, self.run_id,
                                      to_dict(cfg), enabled=self.topo.is_main)
         self.history: List[Dict[str, float]] = []
@@ -166,43 +169,24 @@ class Trainer:
     def model(self) -> SimFlowModel:
         return self.gen.module
 
-    def state_parts(self) -> Dict[str, Any]:
-        """The shared, topology-free training state, identical on every rank (collective for sharded engines):
-        engine states (full weights, AdamW moments and step -> LR schedule, EMA), the loader position
-        (``consumed_samples``) and trainer counters. Per-rank RNG states are saved beside it (:func:`rng_state`)."""
-        parts = {
-            "generator": self.gen.state_dict(),
-            "loader": self.loader.state_dict(),
-            "trainer": {"step": self.step},
-        }
-        if self.disc is not None:
-            parts["discriminator"] = self.disc.state_dict()
-        return parts
-
-    def save(self) -> str:
-        """Collective: every rank writes its share of step ``self.step`` and its RNG state in parallel; rank 0
-        commits the manifest and marker after all finished (:func:`simflow.checkpoint.store.save_parallel`)."""
-        rng = rng_state()
+    def save(self, block: bool = False) -> str:
+        """Collective: checkpoint step ``self.step`` through :class:`~simflow.checkpoint.manager.Checkpointer`
+        (each rank writes only its own shards; committed when every rank finished; in the background when
+        ``checkpoint.async_save`` and not ``block``)."""
         meta = {"run_id": self.run_id, "config": to_dict(self.cfg), "code_version": code_version(),
                 "topology": {"world_size": self.topo.world_size, "tp_size": self.topo.tp_size,
                              "dp_size": self.topo.dp_size},
                 "precision": str(self.dtype).replace("torch.", ""),
                 "loss_scale": "none (fp32 master weights, fp32 or bf16 compute: no dynamic loss scaling)"}
-        t0 = time.perf_counter()
-        d = save_parallel(self.ckpt_dir, self.step, self.state_parts(), meta, rank_state=rng,
-                          keep=self.cfg.checkpoint.keep)
+        d = self.checkpointer.save(self.step, {"step": self.step}, meta, block=block)
         self._saved_step = self.step
-        if self.topo.is_main:
-            log.info("saved checkpoint %s (%.2f s)", d, time.perf_counter() - t0)
         return d
 
     def maybe_resume(self) -> bool:
-        """Load the newest valid checkpoint of this run, if any (collective; any TP/DP: the engines reshard).
-
-        Rank 0 finds it (newer partial or corrupt steps are skipped, and each is reported with the reason) and tells
-        the other ranks; every rank then reads the shared state (each file checked against the manifest's sha256)
-        and its own RNG state. ``self.resume_report`` holds ``{"loaded": location or None, "skipped": [(location,
-        reason), ...]}``.
+        """Load the newest valid checkpoint of this run, if any (collective; any TP/DP: each rank reads only the
+        chunks it owns at this layout). Newer partial or corrupt steps, and steps whose files fail to load on any
+        rank, are skipped and reported with the reason. ``self.resume_report`` holds ``{"loaded": location or None,
+        "skipped": [(location, reason), ...]}``.
 
         Raises:
             CheckpointError: the checkpoint belongs to another run id, or its config has another architecture.
@@ -210,28 +194,17 @@ class Trainer:
         self.resume_report: Dict[str, Any] = {"loaded": None, "skipped": []}
         if not self.cfg.checkpoint.resume:
             return False
-        group = Group()
-        found, skipped = find_latest_with_report(self.ckpt_dir) if group.rank == 0 else (None, [])
-        found, skipped = group.broadcast((found, skipped))
-        self.resume_report = {"loaded": found, "skipped": skipped}
-        if self.topo.is_main:
-            for d, why in skipped:
-                log.warning("skipping checkpoint %s: %s", d, why)
-        if found is None:
+        got = self.checkpointer.load_latest(lambda manifest, d: check_compatible(manifest, self.run_id, self.cfg, d))
+        if got is None:
+            self.resume_report["skipped"] = list(self.checkpointer.skipped)
             return False
-        parts, manifest = load_checkpoint(found, verify_all=False)
-        check_compatible(manifest, self.run_id, self.cfg, found)
-        self.gen.load_state_dict(parts["generator"])
-        if self.disc is not None:
-            self.disc.load_state_dict(parts["discriminator"])
-        self.loader.load_state_dict(parts["loader"])
-        self.step = self._saved_step = int(parts["trainer"]["step"])
-        rng, exact = load_rank_state(found, manifest, self.topo.rank, self.topo.world_size)
-        if rng is not None:
-            set_rng_state(rng)
+        found, trainer_state, info = got
+        self.resume_report = {"loaded": found, "skipped": info["skipped"]}
+        self.step = self._saved_step = int(trainer_state["step"])
         if self.topo.is_main:
             log.info("resumed from %s at step %d (saved at world size %s, now %d%s)", found, self.step,
-                     manifest.get("world_size"), self.topo.world_size, "" if exact else "; RNG states remapped")
+                     info["manifest"].get("world_size"), self.topo.world_size,
+                     "" if info["exact_rng"] else "; RNG states remapped")
         return True
 
     @contextlib.contextmanager
@@ -352,15 +325,13 @@ class Trainer:
         return save_grid(x, path, nrow=num_classes if num_classes <= n else None)  # one column per class
 
     def export(self, path: str) -> str:
-        """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling."""
-        from safetensors.torch import save_file
+        """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling: streamed one tensor at a
+        time (collective for sharded engines, rank 0 writes; :func:`simflow.checkpoint.export.write_streamed`), a
+        local path or ``s3://`` URL. Raises NonFiniteExportError (no file) if any value is NaN/Inf."""
+        from simflow.checkpoint.export import write_streamed
 
-        sd = self.gen.full_state_dict(ema=True)  # collective for sharded engines; rank 0 writes
-        if not self.topo.is_main:
-            return path
-        save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"run_id": self.run_id,
-                                                                             "step": str(self.step)})
-        return path
+        return write_streamed(path, self.gen.full_tensor_specs(ema=True), self.gen.iter_full_state(ema=True),
+                              {"run_id": self.run_id, "step": str(self.step)}, write=self.topo.is_main)
 
     # ------------------------------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
@@ -398,11 +369,13 @@ class Trainer:
                     self.sample_grid(os.path.join(self.out_dir, f"samples_step{self.step:07d}.png"))
                     if self.topo.is_main:
                         plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png"))
+                watchdog.beat("checkpoint poll")
+                self.checkpointer.poll()  # commits a finished background save (collective only while one is pending)
                 watchdog.beat("step boundary vote")
                 stop, time_due = boundary.vote()  # one all-reduce(MAX): any rank's signal or timer counts
                 if stop or time_due or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
                     watchdog.beat("checkpoint save")
-                    self.save()
+                    self.save(block=stop)  # a requeue exit waits for its checkpoint to be committed
                     boundary.saved()
                 if stop:
                     bar.close()
@@ -417,6 +390,7 @@ class Trainer:
             if self._saved_step != self.step:
                 watchdog.beat("final checkpoint save")
                 self.save()
+            self.checkpointer.wait()
             watchdog.beat("final samples and export")
             samples = self.sample_grid(os.path.join(self.out_dir, "samples.png"))  # collective: every rank
             weights = self.export(os.path.join(self.out_dir, "weights.safetensors"))

@@ -1,0 +1,83 @@
+"""Multi-process workers of the sharded-checkpoint tests (not collected by pytest: no ``test_`` prefix); started
+with :func:`parallel_workers.spawn`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from parallel_workers import TINY
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest floating-point tensor (elements) that any aten op *allocates* while active (this thread
+    only): outputs whose storage is not one of the inputs' storages (views, ``set_`` and in-place ops allocate
+    nothing). Training state is fp32; the uint8 buffers of object collectives (DCP's plan exchange) are not state."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = set()
+        for x in pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(x, torch.Tensor):
+                seen.add(x.untyped_storage().data_ptr())
+            elif isinstance(x, (torch.UntypedStorage, torch.TypedStorage)):
+                seen.add(x.data_ptr())
+        for t in pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > self.numel
+                    and t.untyped_storage().data_ptr() not in seen):
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+def shard_memory_worker(rank: int, world: int, outdir: str, overrides: List[str]) -> None:
+    """DeepSpeed ZeRO-3 at DP=``world`` with a BatchNorm discriminator: 2 steps, then a blocking save and a load
+    watched by :class:`LargestTensor`; a step after the save and a load back (round trip); then a NaN planted in
+    rank 1's EMA partition and another save (must not commit). Rank 0 writes ``result.pt``."""
+    from simflow.config import load_config
+    from simflow.parallel.factory import build_engine
+    from simflow.parallel.topology import init_topology
+    from simflow.train.trainer import Trainer
+
+    cfg = load_config(TINY, overrides)
+    topo = init_topology(cfg)
+    tr = Trainer(cfg, topo, build_engine=build_engine)
+    it = iter(tr.loader)
+    for _ in range(2):
+        tr.train_step(it)
+    gen = tr.gen
+    res: Dict[str, Any] = {"full_numel": {n: int(p.ds_numel) for n, p in gen._params.items()},
+                           "part_numel": {n: int(p.ds_tensor.ds_numel) for n, p in gen._params.items()}}
+    bufs = [{k: b.clone() for k, b in tr.disc.inner.named_buffers()}]
+    gathered: List[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, bufs[0])
+    res["disc_buffers_per_rank"] = gathered
+    before = {**gen.full_state_dict(ema=False), **{f"ema.{k}": v for k, v in gen.full_state_dict(ema=True).items()}}
+    with LargestTensor() as mode:
+        gen.state_dict()  # the topology-free full state (all-gathers): what the detector must catch
+    res["gathered_largest"] = (mode.numel, mode.op)
+    with LargestTensor() as mode:
+        tr.save(block=True)
+    res["save_largest"] = (mode.numel, mode.op)
+    tr.train_step(it)  # weights move on
+    with LargestTensor() as mode:
+        got = tr.checkpointer.load_latest(lambda manifest, d: None)
+    res["load_largest"] = (mode.numel, mode.op)
+    res["loaded"], res["read"] = got[0], got[2]["read"]
+    after = {**gen.full_state_dict(ema=False), **{f"ema.{k}": v for k, v in gen.full_state_dict(ema=True).items()}}
+    res["roundtrip_equal"] = set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+    tr.step = 3
+    if rank == 1:
+        name = next(iter(gen.ema))
+        gen.ema[name][0] = float("nan")
+        res["nan_in"] = name
+    tr.save(block=True)
+    if rank == 0:
+        torch.save(res, os.path.join(outdir, "result.pt"))
