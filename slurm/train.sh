@@ -35,8 +35,6 @@
 #   SIMFLOW_RDZV_CONF        extra torchrun --rdzv-conf entries, e.g. "last_call_timeout=10,join_timeout=900"
 #   SIMFLOW_SHUTDOWN_TIMEOUT seconds the agents give workers to save after a stop signal (default 240; keep it
 #                            below the --signal lead time)
-#   SIMFLOW_KEEP_GLOBAL_BATCH 1 (default): when train.global_batch_size is set and the world shrinks, raise
-#                            train.grad_accumulation so the global batch (and the data order) stays the same
 #   SIMFLOW_MAX_REQUEUES     stop requeueing after this many restarts of the job (default 50)
 #
 #SBATCH --job-name=simflow
@@ -83,33 +81,11 @@ setup_common() {
 
 # ------------------------------------------------------------------------------------------------ role: worker
 # One per GPU, started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, TORCHELASTIC_RESTART_COUNT set by it).
-elastic_accumulation() {
-  # Print "train.grad_accumulation=N" when train.global_batch_size is set and the current data-parallel size needs
-  # another accumulation to keep it; print nothing otherwise (the launcher then checks the arithmetic itself).
-  "$SIMFLOW_PYTHON" - "$SIMFLOW_CONFIG" "$WORLD_SIZE" "$@" <<'PY' 2>/dev/null
-import sys
-from simflow.config import load_config
-path, world, overrides = sys.argv[1], int(sys.argv[2]), [a for a in sys.argv[3:] if "=" in a]
-cfg = load_config(path, overrides)
-t = cfg.train
-dp = world // cfg.parallel.tp_size
-if t.global_batch_size and world % cfg.parallel.tp_size == 0 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
-    acc = t.global_batch_size // (t.micro_batch_size * dp)
-    if acc != t.grad_accumulation:
-        print(f"train.grad_accumulation={acc}")
-PY
-}
-
 role_worker() {
-  local extra=() acc child rc rec
-  if [[ ${SIMFLOW_KEEP_GLOBAL_BATCH:-1} == 1 ]]; then
-    acc=$(elastic_accumulation "$@")
-    if [[ -n $acc ]]; then
-      extra+=("$acc")
-      [[ ${RANK:-0} == 0 ]] && log "world size $WORLD_SIZE: $acc keeps train.global_batch_size"
-    fi
-  fi
-  "$SIMFLOW_PYTHON" -m launcher --config "$SIMFLOW_CONFIG" "train.out_dir=$SIMFLOW_RUN_DIR" "$@" "${extra[@]}" &
+  local child rc rec
+  # The launcher applies the elastic global-batch rule itself at every (re)start: with train.global_batch_size set,
+  # train.grad_accumulation follows the world size (simflow.config.derive_grad_accumulation), as under plain torchrun.
+  "$SIMFLOW_PYTHON" -m launcher --config "$SIMFLOW_CONFIG" "train.out_dir=$SIMFLOW_RUN_DIR" "$@" &
   child=$!
   # torchrun's agent sends the stop signal to this shell (and srun to every process of the step): pass it on.
   trap 'kill -s USR1 "$child" 2>/dev/null' USR1
