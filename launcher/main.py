@@ -73,7 +73,8 @@ def claimed_run_dir(cfg) -> Iterator[Optional[int]]:
     """Take the run directory (run id + run lock, :func:`simflow.checkpoint.lock.claim_run_dir`; collective when a
     process group exists) before the engines are built, so that a second job is refused in seconds. Yields None
     when claimed (released on exit), else the exit status after printing why: :data:`LOCKED_EXIT_CODE` (73) when
-    another live job holds the lock, :data:`CONFIG_EXIT_CODE` (2) when the directory belongs to another run id."""
+    another live job holds the lock, :data:`CONFIG_EXIT_CODE` (2) when the directory belongs to another run id or
+    the ranks come from different Slurm jobs (a rendezvous clash)."""
     from simflow.checkpoint.lock import RunLockError, claim_run_dir, run_dir_of
     from simflow.checkpoint.store import CheckpointError
 

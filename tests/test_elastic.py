@@ -33,7 +33,10 @@ from simflow.train.signals import LOCKED_EXIT_CODE, REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
-RDZV_CONF = "--rdzv-conf=last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=2"
+# Agent a hosts the c10d store (is_host=1) and the others are its clients (is_host=0), as in slurm/train.sh.
+# Keep-alive 2 s x 5: a dead agent is dropped after ~10 s, but a live one whose heartbeat thread is slow on a loaded
+# 2-core machine is not (with 1 s x 2, a late joiner declared the busy host agent dead and formed a world of its own).
+RDZV_CONF = "--rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=5,is_host={}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,13 +77,28 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+# A torchrun agent that imports torch first and joins only once its gate file exists: on a loaded 2-core machine
+# the imports alone take longer than the run's world-size-1 phase, so the "node comes back" moment is the gate.
+GATED = ("import os, sys, time\n"
+         "import torch.distributed.run as run\n"
+         "gate = sys.argv.pop(1)\n"
+         "while not os.path.exists(gate):\n"
+         "    time.sleep(0.05)\n"
+         "sys.exit(run.main(sys.argv[1:]))\n")
+
+
 def _agent(out: str, name: str, ov, port: int, rdzv_id: str, nnodes: str = "1:2", nproc: int = 1,
-           max_restarts: int = 3, extra=()) -> subprocess.Popen:
-    """One torchrun agent of the job at 127.0.0.1:port; its log is ``out/agent_<name>.log``."""
+           max_restarts: int = 3, extra=(), gate: str = "") -> subprocess.Popen:
+    """One torchrun agent of the job at 127.0.0.1:port; its log is ``out/agent_<name>.log``. With ``gate``, the
+    agent waits (torch already imported) until that file exists before it joins the rendezvous."""
     os.makedirs(out, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-           f"--rdzv-id={rdzv_id}", "--monitor-interval=0.2", *extra, "-m", "launcher", "--config", TINY, *ov]
+    args = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}",
+            "--monitor-interval=0.2", *extra, "-m", "launcher", "--config", TINY, *ov]
+    if gate:
+        cmd = [sys.executable, "-c", GATED, gate, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *args]
     log = open(os.path.join(out, f"agent_{name}.log"), "a")
     return subprocess.Popen(cmd, env=child_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"), cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -120,18 +138,19 @@ def _leave_and_rejoin(out: str, ov, steps: int):
     new agent b's exit code, logs)."""
     ckpt = os.path.join(out, "checkpoints")
     port = free_port()
-    a = _agent(out, "a", ov, port, "elastic-c", extra=[RDZV_CONF])
+    a = _agent(out, "a", ov, port, "elastic-c", extra=[RDZV_CONF.format(1)])
     time.sleep(1.0)  # a hosts the c10d store
-    b = _agent(out, "b", ov, port, "elastic-c", extra=[RDZV_CONF])
-    b2 = None
+    b = _agent(out, "b", ov, port, "elastic-c", extra=[RDZV_CONF.format(0)])
+    gate = os.path.join(out, "rejoin")
+    b2 = _agent(out, "b2", ov, port, "elastic-c", extra=[RDZV_CONF.format(0)], gate=gate)
     try:
         _wait(lambda: 2 in _committed(ckpt), [a, b], 400, "step 2")
         _kill_tree(b.pid)
         b.wait()
         _wait(lambda: any(_world_of(ckpt, s) == 1 for s in _committed(ckpt)), [a], 400, "a step at world size 1")
+        open(gate, "w").close()  # the node comes back
         left_at = max(_committed(ckpt))
-        assert left_at < steps - 2, "the run got too far before the node came back; raise the step count"
-        b2 = _agent(out, "b2", ov, port, "elastic-c", extra=[RDZV_CONF])
+        assert left_at < steps - 3, "the run got too far before the node came back; raise the step count"
         ca = a.wait(timeout=500)
         cb = b2.wait(timeout=120)
     finally:

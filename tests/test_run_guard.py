@@ -225,3 +225,39 @@ def test_exit_status_table():
     assert all(k == v for k, v in codes.items()) and len(set(codes)) == 4
     text = open(os.path.join(ROOT, "slurm", "train.sh")).read()
     assert "REQUEUE_EXIT_CODE=75" in text
+
+
+CLASH_CHILD = """
+import datetime, os, sys, torch.distributed as dist
+from omegaconf import OmegaConf
+from simflow.checkpoint.lock import RendezvousClashError, claim_run_dir
+from simflow.config import CheckpointConfig
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+try:
+    claim_run_dir(sys.argv[3], "run", CheckpointConfig())
+    print("claimed")
+except RendezvousClashError as e:
+    print("clash:", e)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_of_two_slurm_jobs_in_one_world_refuse_to_train(tmp_path):
+    """Two processes that meet in one process group but carry different SLURM_JOB_IDs (agents of two jobs that met
+    in one rendezvous): both raise the same RendezvousClashError naming each rank's job, and no lock is taken."""
+    from simflow.parallel.topology import free_port
+
+    port, root = str(free_port()), str(tmp_path / "ckpt")
+    procs = []
+    for rank, job in ((0, "101"), (1, "202")):
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", SLURM_JOB_ID=job, SLURM_CLUSTER_NAME="lab")
+        procs.append(subprocess.Popen([sys.executable, "-c", CLASH_CHILD, str(rank), port, root], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for out in outs:
+        assert ("clash: the ranks of this world belong to different Slurm jobs (rank 0 on "
+                in out and "slurm:lab:101" in out and "slurm:lab:202" in out), out[-2000:]
+    assert not os.path.exists(os.path.join(root, "run.lock"))

@@ -60,6 +60,10 @@ class RunLockError(CheckpointError):
     """Another live job holds the run directory's lock."""
 
 
+class RendezvousClashError(CheckpointError):
+    """The ranks of one world come from different scheduler jobs (two jobs' agents met in one rendezvous)."""
+
+
 def job_key(environ=None) -> Optional[str]:
     """The scheduler's part of this process's job identity: ``slurm:<cluster>:<SLURM_JOB_ID>``, else None."""
     env = os.environ if environ is None else environ
@@ -349,14 +353,26 @@ def claim_run_dir(root: str, run_id: str, ckpt_cfg, group=None) -> RunDirClaim:
         ckpt_cfg: the ``checkpoint`` config section.
         group: a :class:`simflow.checkpoint.store.Group` (default: the default process group, or one process).
 
+    It also checks that all ranks belong to one Slurm job (when under Slurm): agents of two jobs that met in one
+    rendezvous would otherwise train one job's run with the other's processes.
+
     Raises:
         RunLockError: another live job holds the lock (message names it).
+        RendezvousClashError: ranks from different Slurm jobs (names each rank's host and job).
         CheckpointError: the directory belongs to another run id.
     """
     from simflow.checkpoint.store import Group
 
     group = group or Group()
-    tokens = sorted({t for ts in group.all_gather(job_tokens()) for t in ts})
+    gathered = group.all_gather((job_key(), socket.gethostname(), job_tokens()))
+    slurm_jobs = sorted({k for k, _, _ in gathered if k})
+    if len(slurm_jobs) > 1:  # every rank sees the same list, so every rank raises the same error
+        who = "; ".join(f"rank {r} on {h}: {k or 'no Slurm job'}" for r, (k, h, _) in enumerate(gathered))
+        raise RendezvousClashError(
+            f"the ranks of this world belong to different Slurm jobs ({who}): agents of two jobs met in one "
+            f"rendezvous (same port and rendezvous id on one host?); refusing to train. Give each job its own "
+            f"SIMFLOW_RDZV_PORT (or leave it unset) and rendezvous id")
+    tokens = sorted({t for _, _, ts in gathered for t in ts})
     err = None
     if group.rank == 0:
         key = storage.join(root, LOCK_NAME)
@@ -381,5 +397,5 @@ def claim_run_dir(root: str, run_id: str, ckpt_cfg, group=None) -> RunDirClaim:
     return RunDirClaim(key, _CLAIMS[key][0])
 
 
-__all__ = ["RunLock", "RunLockError", "RunDirClaim", "claim_run_dir", "run_dir_of", "ensure_run_id", "job_key", "job_tokens",
+__all__ = ["RunLock", "RunLockError", "RendezvousClashError", "RunDirClaim", "claim_run_dir", "run_dir_of", "ensure_run_id", "job_key", "job_tokens",
            "torchrun_agent_pid", "pid_start_time", "LOCK_NAME", "RUN_FILE"]
