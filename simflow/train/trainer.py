@@ -257,8 +257,10 @@ class Trainer:
             raise
         finally:
             watchdog.stop()
-            if installed:
-                boundary.flag.hold() if requeue else boundary.flag.uninstall()
+            if installed and requeue:
+                boundary.flag.hold()
+            elif installed:
+                boundary.flag.uninstall()
             lock.release()
             self.metrics.close()
 
