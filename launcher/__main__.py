@@ -1,8 +1,6 @@
 """``python -m launcher --config CONFIG [key=value ...]``: same as ``python -m simflow.train`` (see :mod:`launcher.main`)."""
 
-import sys
-
-from launcher.main import main
+from launcher.main import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -5,19 +5,25 @@
     torchrun --nproc_per_node=4 -m launcher --config configs/tiny.yaml parallel.engine=deepspeed parallel.tp_size=2
     srun -N2 --ntasks-per-node=4 python -m launcher --config configs/xl.yaml parallel.engine=deepspeed parallel.tp_size=4
 
-Order of work: parse arguments -> load and validate the config (unknown keys, types, cross-field rules) -> only
-then build anything. A bad config exits with status 2 and a message naming the key, before any model, data or
-process group exists.
+Order of work: parse arguments -> load and validate the config (unknown keys, types, cross-field rules) -> check
+``data.path`` (local file or shard index, ``s3://`` object, ``pipe:`` program; a hostile shard index is refused
+here) -> derive ``train.grad_accumulation`` from ``train.global_batch_size`` for this world size -> only then build
+anything. A bad config or data path exits with status 2 and a message naming the key or path, before any model,
+data or process group exists. Then the run directory is claimed (run id + run lock) before the engines are built:
+another live job's lock exits with status 73 naming its holder. Exit statuses: :mod:`simflow.train.signals`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
-from typing import List, Optional
+from typing import Iterator, List, NoReturn, Optional
 
 from simflow.config import ConfigError, load_config
+from simflow.train.signals import CONFIG_EXIT_CODE, LOCKED_EXIT_CODE
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -35,25 +41,80 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from simflow.data.loader import DataError
+    from simflow.data.shards import check_data_path
     from simflow.parallel.topology import check_parallel_config, detect_dist_env
 
     try:
         env = detect_dist_env()  # torchrun variables, else srun's SLURM_*, else one process; starts nothing
+        d = cfg.data
+        check_data_path(d.source, d.path, d.s3_endpoint, d.timeout_s, d.retries)  # before any process group
         if env.world_size > 1 or cfg.parallel.engine != "local":
             from launcher.distributed import launch_distributed
 
             return launch_distributed(cfg, args.config, env)
         check_parallel_config(cfg, 1, args.config)  # global batch = micro x accumulation x 1
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return CONFIG_EXIT_CODE
     from simflow.train.trainer import run
 
-    out = run(cfg)
+    with claimed_run_dir(cfg) as status:
+        if status is not None:
+            return status
+        out = run(cfg)
     print(f"done: step {out['step']}; samples {out.get('samples')}; loss curve {out.get('loss_curve')}; "
           f"weights {out.get('weights')}")
     return 0
 
 
+@contextlib.contextmanager
+def claimed_run_dir(cfg) -> Iterator[Optional[int]]:
+    """Take the run directory (run id + run lock, :func:`simflow.checkpoint.lock.claim_run_dir`; collective when a
+    process group exists) before the engines are built, so that a second job is refused in seconds. Yields None
+    when claimed (released on exit), else the exit status after printing why: :data:`LOCKED_EXIT_CODE` (73) when
+    another live job holds the lock, :data:`CONFIG_EXIT_CODE` (2) when the directory belongs to another run id or
+    the ranks come from different Slurm jobs (a rendezvous clash)."""
+    from simflow.checkpoint.lock import RunLockError, claim_run_dir, run_dir_of
+    from simflow.checkpoint.store import CheckpointError
+
+    root, run_id = run_dir_of(cfg)
+    try:
+        claim = claim_run_dir(root, run_id, cfg.checkpoint)
+    except RunLockError as e:
+        print(f"run lock: {e}", file=sys.stderr, flush=True)
+        yield LOCKED_EXIT_CODE
+        return
+    except CheckpointError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        yield CONFIG_EXIT_CODE
+        return
+    try:
+        yield None
+    finally:
+        claim.release()
+
+
+def entry(argv: Optional[List[str]] = None) -> NoReturn:
+    """Process entry point (``python -m launcher``, ``python -m simflow.train``): :func:`main`, then exit with its
+    status. After a stop signal the trainer raises :class:`~simflow.train.signals.RequeueExit` once the stop step is
+    committed on every rank; this then flushes the logs and leaves with ``os._exit(75)``, skipping interpreter
+    finalization, so that a second signal (torchrun's SIGTERM to the surviving workers, srun's relay) cannot kill the
+    process with -15 after Python restored its default handlers."""
+    from simflow.train.signals import REQUEUE_EXIT_CODE, RequeueExit
+
+    try:
+        rc = main(argv)
+    except RequeueExit:
+        logging.shutdown()
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(REQUEUE_EXIT_CODE)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

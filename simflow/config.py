@@ -20,6 +20,7 @@ Errors: :class:`ConfigError` (a subclass of ``ValueError``) whose message names 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 from dataclasses import dataclass, field
@@ -186,7 +187,9 @@ class TrainConfig:
     steps: int = 800_000
     micro_batch_size: int = 16
     grad_accumulation: int = 1
-    global_batch_size: int = 0  # 0 = micro_batch_size * grad_accumulation * dp_size
+    # 0 = micro_batch_size * grad_accumulation * dp_size (follows the world size). Set: fixed across elastic
+    # restarts; grad_accumulation is then derived at every (re)start (derive_grad_accumulation).
+    global_batch_size: int = 0
     label_drop: float = 0.1
     ema_decay: float = 0.9999
     ema_vae: bool = False
@@ -406,6 +409,8 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
     r = cfg.loss.repa
     if r.enabled and not 1 <= r.layer <= sum(f.layers_per_block):
         bad("loss.repa.layer", f"must be in [1, {sum(f.layers_per_block)}] (total flow layers)")
+    if cfg.train.global_batch_size < 0:
+        bad("train.global_batch_size", "must be >= 0 (0 = micro_batch_size x grad_accumulation x DP size)")
     if dp_size is not None and cfg.train.global_batch_size:
         want = cfg.train.micro_batch_size * cfg.train.grad_accumulation * dp_size
         if cfg.train.global_batch_size != want:
@@ -414,6 +419,48 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
                 f"must equal micro_batch_size ({cfg.train.micro_batch_size}) x grad_accumulation "
                 f"({cfg.train.grad_accumulation}) x DP size ({dp_size}) = {want}",
             )
+
+
+def derive_grad_accumulation(cfg: SimFlowConfig, dp_size: int, source: str = "<config>") -> int:
+    """The elastic global-batch rule, applied at every (re)start before the layout check.
+
+    With ``train.global_batch_size = G`` set (> 0), the global batch is fixed for the whole run whatever the world
+    size: ``train.grad_accumulation`` is set **in place** to ``G / (micro_batch_size x dp_size)`` (a value given in
+    the config or on the command line is replaced, with a log line when it changes), so a job that shrinks from DP 16
+    to DP 8 accumulates twice as many micro-batches and sees the same samples per step, in the same order
+    (:mod:`simflow.data.order`). With ``G = 0`` nothing changes: the global batch is ``micro_batch_size x
+    grad_accumulation x dp_size`` and follows the world size (the loader then continues from any
+    ``consumed_samples``, see "Partial global batches" in :mod:`simflow.data.order`).
+
+    Args:
+        cfg: the run config (``train.*`` is read and ``train.grad_accumulation`` may be written).
+        dp_size: data-parallel size of this start (world size / ``parallel.tp_size``), >= 1.
+        source: config file name for messages.
+
+    Returns:
+        the grad accumulation in effect.
+
+    Raises:
+        ConfigError: ``G`` is not a multiple of ``micro_batch_size x dp_size``; names both keys and all values.
+    """
+    t = cfg.train
+    if not t.global_batch_size:
+        return t.grad_accumulation
+    if dp_size < 1 or t.micro_batch_size < 1:
+        raise ConfigError(f"{source}: train.micro_batch_size={t.micro_batch_size} and DP size {dp_size} must be >= 1")
+    per_step = t.micro_batch_size * dp_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"{source}: train.global_batch_size={t.global_batch_size} cannot be kept at DP size {dp_size}: it is no "
+            f"multiple of train.micro_batch_size ({t.micro_batch_size}) x DP size ({dp_size}) = {per_step}; use a "
+            f"world size whose DP size divides {t.global_batch_size}/{t.micro_batch_size}, or another micro-batch")
+    acc = t.global_batch_size // per_step
+    if acc != t.grad_accumulation:
+        logging.getLogger("simflow").info(
+            "train.global_batch_size=%d at DP size %d: train.grad_accumulation %d -> %d (micro-batch %d)",
+            t.global_batch_size, dp_size, t.grad_accumulation, acc, t.micro_batch_size)
+        t.grad_accumulation = acc
+    return acc
 
 
 def global_batch_size(cfg: SimFlowConfig, dp_size: int) -> int:
@@ -509,6 +556,7 @@ __all__ = [
     "load_config",
     "validate",
     "global_batch_size",
+    "derive_grad_accumulation",
     "to_dict",
     "from_dict",
     "to_yaml",

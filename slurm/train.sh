@@ -31,12 +31,12 @@
 #   SIMFLOW_NPROC_PER_NODE   workers per node (default: GPUs on the node, SLURM_GPUS_ON_NODE; else 1)
 #   SIMFLOW_MIN_NODES        elastic minimum number of nodes (default 1; maximum = nodes of the job)
 #   SIMFLOW_MAX_RESTARTS     torchrun --max-restarts (default 3): worker-group restarts after failures
-#   SIMFLOW_RDZV_PORT        c10d rendezvous port on the first node (default 20000 + job id mod 10000)
+#   SIMFLOW_RDZV_PORT        c10d rendezvous port on the first node. Default: the first free port from
+#                            20000 + job id mod 10000 upwards. Set: used as given, and the job stops (exit 2,
+#                            saying why) if that port is already in use there, e.g. by another job's rendezvous
 #   SIMFLOW_RDZV_CONF        extra torchrun --rdzv-conf entries, e.g. "last_call_timeout=10,join_timeout=900"
 #   SIMFLOW_SHUTDOWN_TIMEOUT seconds the agents give workers to save after a stop signal (default 240; keep it
 #                            below the --signal lead time)
-#   SIMFLOW_KEEP_GLOBAL_BATCH 1 (default): when train.global_batch_size is set and the world shrinks, raise
-#                            train.grad_accumulation so the global batch (and the data order) stays the same
 #   SIMFLOW_MAX_REQUEUES     stop requeueing after this many restarts of the job (default 50)
 #
 #SBATCH --job-name=simflow
@@ -54,6 +54,11 @@
 set -uo pipefail
 
 REQUEUE_EXIT_CODE=75   # simflow.train.signals.REQUEUE_EXIT_CODE: state saved after SIGTERM/SIGUSR1, run again
+# Never requeued (requeueing cannot help): 2 config / data.path / rendezvous clash (CONFIG_EXIT_CODE), 73 the run
+# directory is locked by another live job (LOCKED_EXIT_CODE), 3 too many consecutive non-finite steps (engineer A's
+# train.max_skipped_steps code; assumed 3 here), 70 watchdog (torchrun restarts those workers inside the job).
+LOCKED_EXIT_CODE=73
+NONFINITE_EXIT_CODE=3
 
 log() { printf '[simflow-slurm %s %s] %s\n' "$(date +%T)" "$(hostname)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
@@ -83,33 +88,11 @@ setup_common() {
 
 # ------------------------------------------------------------------------------------------------ role: worker
 # One per GPU, started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, TORCHELASTIC_RESTART_COUNT set by it).
-elastic_accumulation() {
-  # Print "train.grad_accumulation=N" when train.global_batch_size is set and the current data-parallel size needs
-  # another accumulation to keep it; print nothing otherwise (the launcher then checks the arithmetic itself).
-  "$SIMFLOW_PYTHON" - "$SIMFLOW_CONFIG" "$WORLD_SIZE" "$@" <<'PY' 2>/dev/null
-import sys
-from simflow.config import load_config
-path, world, overrides = sys.argv[1], int(sys.argv[2]), [a for a in sys.argv[3:] if "=" in a]
-cfg = load_config(path, overrides)
-t = cfg.train
-dp = world // cfg.parallel.tp_size
-if t.global_batch_size and world % cfg.parallel.tp_size == 0 and t.global_batch_size % (t.micro_batch_size * dp) == 0:
-    acc = t.global_batch_size // (t.micro_batch_size * dp)
-    if acc != t.grad_accumulation:
-        print(f"train.grad_accumulation={acc}")
-PY
-}
-
 role_worker() {
-  local extra=() acc child rc rec
-  if [[ ${SIMFLOW_KEEP_GLOBAL_BATCH:-1} == 1 ]]; then
-    acc=$(elastic_accumulation "$@")
-    if [[ -n $acc ]]; then
-      extra+=("$acc")
-      [[ ${RANK:-0} == 0 ]] && log "world size $WORLD_SIZE: $acc keeps train.global_batch_size"
-    fi
-  fi
-  "$SIMFLOW_PYTHON" -m launcher --config "$SIMFLOW_CONFIG" "train.out_dir=$SIMFLOW_RUN_DIR" "$@" "${extra[@]}" &
+  local child rc rec
+  # The launcher applies the elastic global-batch rule itself at every (re)start: with train.global_batch_size set,
+  # train.grad_accumulation follows the world size (simflow.config.derive_grad_accumulation), as under plain torchrun.
+  "$SIMFLOW_PYTHON" -m launcher --config "$SIMFLOW_CONFIG" "train.out_dir=$SIMFLOW_RUN_DIR" "$@" &
   child=$!
   # torchrun's agent sends the stop signal to this shell (and srun to every process of the step): pass it on.
   trap 'kill -s USR1 "$child" 2>/dev/null' USR1
@@ -158,6 +141,36 @@ relay_stop() {  # SIGUSR1 (--signal=B:USR1@lead, scancel --signal=USR1 --batch) 
   [[ -n ${SRUN_PID:-} ]] && kill -s USR1 "$SRUN_PID" 2>/dev/null
 }
 
+port_free() {  # port_free PORT: true if nothing listens on PORT on this host (the first node: the batch shell's)
+  "$SIMFLOW_PYTHON" - "$1" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is free; a listener is not
+s.bind(("", int(sys.argv[1])))
+s.close()
+PY
+}
+
+rendezvous_port() {
+  # A job's agents must only ever join their own rendezvous: the rendezvous id carries the job id, and the port on
+  # the first node is checked here (the batch shell runs on that node) before any agent starts.
+  local p i
+  if [[ -n ${SIMFLOW_RDZV_PORT:-} ]]; then
+    [[ $SIMFLOW_RDZV_PORT =~ ^[0-9]+$ ]] && (( SIMFLOW_RDZV_PORT > 0 && SIMFLOW_RDZV_PORT < 65536 )) \
+      || die "SIMFLOW_RDZV_PORT=$SIMFLOW_RDZV_PORT is not a TCP port number"
+    port_free "$SIMFLOW_RDZV_PORT" || die "rendezvous port $SIMFLOW_RDZV_PORT (SIMFLOW_RDZV_PORT) is already in use on $MASTER_ADDR, probably by another job's rendezvous: not starting, so that this job cannot join or disturb it. Unset SIMFLOW_RDZV_PORT (a free port is then picked) or choose another"
+    echo "$SIMFLOW_RDZV_PORT"
+    return
+  fi
+  p=$((20000 + SLURM_JOB_ID % 10000))
+  for (( i = 0; i < 100; i++ )); do
+    if port_free "$p"; then echo "$p"; return; fi
+    log "rendezvous port $p is in use on $MASTER_ADDR; trying the next one"
+    p=$(( 20000 + (p - 20000 + 1) % 10000 ))
+  done
+  die "no free rendezvous port on $MASTER_ADDR among 100 tried from $((20000 + SLURM_JOB_ID % 10000)); set SIMFLOW_RDZV_PORT"
+}
+
 resolve_config() {
   local c=$1
   [[ $c == /* ]] && { echo "$c"; return; }
@@ -181,7 +194,8 @@ role_batch() {
   export MASTER_ADDR
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   [[ -n $MASTER_ADDR ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host"
-  export SIMFLOW_RDZV_PORT=${SIMFLOW_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+  SIMFLOW_RDZV_PORT=$(rendezvous_port) || exit 2
+  export SIMFLOW_RDZV_PORT
   export SIMFLOW_RDZV_ID=simflow-$SLURM_JOB_ID-$restart
   export SIMFLOW_NUM_NODES=$nodes
   export SIMFLOW_MIN_NODES=${SIMFLOW_MIN_NODES:-1}
@@ -238,6 +252,18 @@ role_batch() {
     fi
     log "scontrol requeue failed (job submitted with --no-requeue?); resubmit with SIMFLOW_RUN_DIR=$SIMFLOW_RUN_DIR to resume"
     exit "$REQUEUE_EXIT_CODE"
+  fi
+  if grep -qx "$LOCKED_EXIT_CODE" "$SIMFLOW_EXIT_DIR"/* 2>/dev/null; then
+    log "result: refused: another live job holds the run lock of $SIMFLOW_RUN_DIR (the worker output above names it); not requeued"
+    exit "$LOCKED_EXIT_CODE"
+  fi
+  if grep -qx "$NONFINITE_EXIT_CODE" "$SIMFLOW_EXIT_DIR"/* 2>/dev/null; then
+    log "result: stopped after too many consecutive non-finite steps (train.max_skipped_steps); not requeued"
+    exit "$NONFINITE_EXIT_CODE"
+  fi
+  if grep -qx 2 "$SIMFLOW_EXIT_DIR"/* 2>/dev/null; then
+    log "result: configuration, data.path or rendezvous error (named above); not requeued"
+    exit 2
   fi
   log "result: failed (see the worker output above; the newest checkpoint in $SIMFLOW_RUN_DIR is kept)"
   (( rc != 0 )) && exit "$rc"

@@ -445,7 +445,7 @@ def test_run_lock_live_stale_and_same_job(tmp_path, demo_npz, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     RunLock(root, "run", heartbeat_s=5, stale_s=60, host="node-c", pid=1).acquire()._stop.set()
     again = RunLock(root, "run", heartbeat_s=5, stale_s=60).acquire()  # requeue of slurm job 777
-    assert json.load(open(os.path.join(root, "run.lock")))["job"] == "slurm:777"
+    assert json.load(open(os.path.join(root, "run.lock")))["job"] == "slurm::777"
     again.release()
 
 

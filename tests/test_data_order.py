@@ -156,8 +156,10 @@ def test_bad_state_is_rejected(npz_path):
         loader.load_state_dict({"consumed_samples": 12, "seed": 8})
     with pytest.raises(ValueError, match="num_samples"):
         loader.load_state_dict({"consumed_samples": 12, "seed": 7, "num_samples": N + 1})
-    with pytest.raises(ValueError, match="consumed_samples=13"):
-        loader.load_state_dict({"consumed_samples": 13, "seed": 7})
+    with pytest.raises(ValueError, match="consumed_samples=-1"):
+        loader.load_state_dict({"consumed_samples": -1, "seed": 7})
+    with pytest.raises(ValueError, match="missing key 'consumed_samples'"):
+        loader.load_state_dict({"seed": 7})
     with pytest.raises(ValueError, match="dp_rank=2"):
         make(npz_path, 2, 2, 3, 2)
 
@@ -172,3 +174,41 @@ def test_build_loader_from_config_resizes(npz_path):
     assert loader.consumed_samples == 16
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         build_loader(load_config(None, ["data.path=/nonexistent/missing.npz"]), 0, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_a_partial_global_batch_loses_and_repeats_nothing(npz_path, workers):
+    """Elastic resume without train.global_batch_size: 5 steps at DP=1 (global batch 4x1x1 = 4 -> consumed 20), then
+    DP=2 with accumulation 2 (global batch 12; 20 is no multiple of 12 or of the round size 6), then DP=3 (global
+    batch 3x1x3 = 9) from 44. The positions dealt are exactly 0, 1, 2, ... in order, each once, with the same sample
+    ids and flips an uninterrupted DP=1 run has at those positions; consumed_samples = sum of the global batches."""
+    a, la = run_steps(npz_path, dp_size=1, mbs=4, accum=1, steps=5)
+    assert la[0].consumed_samples == 20
+    b, lb = run_steps(npz_path, dp_size=2, mbs=3, accum=2, steps=2, consumed=la[0].state_dict()["consumed_samples"],
+                      workers=workers)
+    assert [l.consumed_samples for l in lb] == [44, 44]
+    lc = [make(npz_path, r, 3, 3, 1) for r in range(3)]
+    for l in lc:
+        l.load_state_dict(lb[0].state_dict())
+    c, _ = [], None
+    iters = [iter(l) for l in lc]
+    for _ in range(3):
+        rows = {}
+        for it in iters:
+            batch = next(it)
+            rows.update({int(p): (int(s), batch["image"][i].clone()) for i, (p, s) in
+                         enumerate(zip(batch["index"], batch["sample_id"]))})
+        c.append(rows)
+    assert [l.consumed_samples for l in lc] == [44 + 27] * 3
+    assert [sorted(s) for s in b] == [list(range(20, 32)), list(range(32, 44))]
+    assert [sorted(s) for s in c] == [list(range(44, 53)), list(range(53, 62)), list(range(62, 71))]
+    seen = [p for s in a + b for p in sorted(s)] + [p for s in c for p in sorted(s)]
+    assert seen == list(range(71))
+    ref, _ = run_steps(npz_path, dp_size=1, mbs=71, accum=1, steps=1)
+    for s in a + b:
+        for p, row in s.items():
+            assert row[0] == ref[0][p][0] and torch.equal(row[3], ref[0][p][3])
+    for s in c:
+        for p, (sid, img) in s.items():
+            assert sid == ref[0][p][0] and torch.equal(img, ref[0][p][3])
+    assert len({ref[0][p][0] for p in range(48)}) == N  # the positions still form exact epochs

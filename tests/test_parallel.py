@@ -81,13 +81,34 @@ def test_layout_checks_name_the_key():
         check_parallel_config(cfg, 3)
     cfg = load_config(TINY, ["parallel.engine=deepspeed", "train.micro_batch_size=4", "train.grad_accumulation=2",
                              "train.global_batch_size=16"])
-    assert check_parallel_config(cfg, 2) == 2
-    with pytest.raises(ConfigError, match=r"train.global_batch_size=16.*4\) x grad_accumulation \(2\) x DP size \(4\) = 32"):
-        check_parallel_config(cfg, 4)
+    assert check_parallel_config(cfg, 2) == 2 and cfg.train.grad_accumulation == 2
+    assert check_parallel_config(cfg, 4) == 4 and cfg.train.grad_accumulation == 1  # elastic: derived per start
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=16 cannot be kept at DP size 3.*micro_batch_size "
+                                          r"\(4\) x DP size \(3\) = 12"):
+        check_parallel_config(cfg, 3)
     with pytest.raises(ConfigError, match="parallel.engine='local'.*world size is 2"):
         check_parallel_config(load_config(TINY), 2)
     with pytest.raises(ConfigError, match="attention heads"):
         load_config(TINY, ["parallel.tp_size=3"])  # 4 heads of 16 in the tiny flow
+
+
+def test_global_batch_size_fixes_the_batch_at_every_world_size():
+    """train.global_batch_size set: grad_accumulation = G / (micro x DP) at each (re)start, whatever was given; the
+    global batch (hence the data order) is the same at DP 1, 2, 3, 6; a DP size that cannot divide fails naming both
+    keys. Unset: the accumulation given is kept and the global batch follows the world size."""
+    from simflow.config import derive_grad_accumulation, global_batch_size
+
+    cfg = load_config(TINY, ["train.micro_batch_size=2", "train.grad_accumulation=7", "train.global_batch_size=12"])
+    for dp, acc in ((1, 6), (2, 3), (3, 2), (6, 1), (2, 3)):
+        assert derive_grad_accumulation(cfg, dp) == acc == cfg.train.grad_accumulation
+        assert global_batch_size(cfg, dp) == 12
+    with pytest.raises(ConfigError, match=r"configs/x.yaml: train.global_batch_size=12 cannot be kept at DP size 4"):
+        derive_grad_accumulation(cfg, 4, "configs/x.yaml")
+    with pytest.raises(ConfigError, match="train.global_batch_size=12 cannot be kept at DP size 5"):
+        check_parallel_config(load_config(TINY, ["parallel.engine=deepspeed", "train.micro_batch_size=2",
+                                                 "train.global_batch_size=12"]), 5)
+    free = load_config(TINY, ["train.micro_batch_size=2", "train.grad_accumulation=3"])
+    assert derive_grad_accumulation(free, 4) == 3 and global_batch_size(free, 4) == 24
 
 
 def test_deepspeed_config_is_derived_from_the_simflow_config():

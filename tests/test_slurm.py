@@ -357,7 +357,7 @@ def test_node_failure_survivor_finishes_alone(cluster, clean_run, demo_npz, tmp_
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
     assert info["Restarts"] == "0"  # no requeue: the survivor did it inside the same job
     assert "n2: task 1: Killed" in log
-    assert "world size 1: train.grad_accumulation=2 keeps train.global_batch_size" in log
+    assert "train.global_batch_size=8 at DP size 1: train.grad_accumulation 1 -> 2" in log  # the launcher's rule
     assert "| world size           | 1" in log and "| global batch         | 8 = 4 x 2 x 1" in log
     m = re.search(r"resumed from \S+ at step (\d+)", log)
     assert m, log[-4000:]
@@ -436,3 +436,33 @@ def test_sampling_array_writes_ranges_and_resubmission_skips_them(cluster, clean
     assert open(lost, "rb").read() == lost_bytes  # the missing part came back bit-identical
     repacked = np.load(os.path.join(samples, "samples.npz"))
     assert np.array_equal(repacked["arr_0"], packed["arr_0"])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_jobs_forced_onto_one_rendezvous_port_never_mix(cluster, demo_npz, tmp_path):
+    """Jobs A and B on node n1 with the same SIMFLOW_RDZV_PORT (issue 11 part 3). A's torchrun agent hosts its
+    c10d store on that port; B's batch shell finds the port taken before starting any agent and stops with
+    exit 2 saying why, without a requeue. A is untouched: it finishes at world size 1, every step logged once."""
+    port = str(_free_port())
+    runs = {n: (str(tmp_path / n / "run"), str(tmp_path / f"{n}.out")) for n in ("a", "b")}
+    env = {n: dict(_job_env(runs[n][0]), SIMFLOW_RDZV_PORT=port) for n in ("a", "b")}
+    ov = _overrides(demo_npz, "checkpoint.every_steps=8")
+    job_a = _sbatch(cluster, "train.sh", [TINY, *ov], env["a"], runs["a"][1], opts=["--nodes=1", "-w", "n1"])
+    _wait_for(lambda: len(_metrics(runs["a"][0])) >= 2, 300, "job A training", job_a, runs["a"][1])
+    job_b = _sbatch(cluster, "train.sh", [TINY, *ov], env["b"], runs["b"][1], opts=["--nodes=1", "-w", "n1"])
+    assert _wait_gone(job_b, 120), f"job {job_b} still queued"
+    assert _queued(job_a), "job A ended before job B was turned away; raise STEPS"
+    log_b = open(runs["b"][1]).read()
+    info_b = _job_info(job_b)
+    assert info_b["ExitCode"] == "2:0" and info_b["Restarts"] == "0", log_b[-3000:]
+    assert (f"rendezvous port {port} (SIMFLOW_RDZV_PORT) is already in use on n1, probably by another job's "
+            f"rendezvous: not starting") in log_b
+    assert "torchrun agent" not in log_b and not os.path.exists(os.path.join(runs["b"][0], "metrics.jsonl"))
+    assert _wait_gone(job_a, 600), f"job {job_a} still queued"
+    log_a = open(runs["a"][1]).read()
+    info_a = _job_info(job_a)
+    assert info_a["JobState"] == "COMPLETED" and info_a["ExitCode"] == "0:0", log_a[-4000:]
+    assert "| world size           | 1" in log_a and "| world size           | 2" not in log_a
+    assert [m["step"] for m in _metrics(runs["a"][0])] == list(range(1, STEPS + 1))
+    assert "result: done" in log_a

@@ -264,17 +264,18 @@ class FfcvLoader(Loader):
         if self._stream is None:
             self._stream = _FfcvStream(self.source, self.resolution, self.micro_batch_size,  # type: ignore[arg-type]
                                        self.num_workers, self.chunk_rounds)
-        r = self._consumed // self.round_size
+        origin, r = self._consumed, 0  # deal from consumed_samples, whatever it is (Loader, "Partial global batches")
         while True:
             rounds = range(r, r + self.chunk_rounds)
-            positions = [micro_batch_positions(q, self.dp_rank, self.dp_size, self.micro_batch_size) for q in rounds]
+            positions = [micro_batch_positions(q, self.dp_rank, self.dp_size, self.micro_batch_size, origin)
+                         for q in rounds]
             ids_epochs = [self.order.samples_at(p) for p in positions]
             batches = self._stream.run([ie[0] for ie in ids_epochs])
             for q, pos, (ids, epochs), (images, labels) in zip(rounds, positions, ids_epochs, batches):
                 if generation != self._generation:
                     raise RuntimeError("the loader state changed (load_state_dict) while iterating; call iter(loader) again")
                 flip = self.order.hflip(pos) if self.hflip else None
-                self._consumed = (q + 1) * self.round_size
+                self._consumed = origin + (q + 1) * self.round_size
                 yield {
                     "image": to_model_input(images, flip),
                     "label": torch.from_numpy(labels),

@@ -14,8 +14,10 @@ each a dict::
 guarantees): when this rank yields its micro-batch of round ``r``, ``consumed_samples`` becomes
 ``(r + 1) * dp_size * micro_batch_size``; so after every micro-batch of optimizer step ``s`` has been yielded,
 ``consumed_samples == (s + 1) * global_batch_size`` on every rank. Batches prefetched by workers but not yet yielded
-are not counted. A loader built (or :meth:`Loader.load_state_dict`-ed) with ``consumed_samples = c`` continues at
-round ``c / (dp_size * micro_batch_size)``, which must be a whole number.
+are not counted. A loader built (or :meth:`Loader.load_state_dict`-ed) with ``consumed_samples = c`` (any integer
+>= 0, e.g. saved at another world size with another global batch) continues at position ``c``: its first round
+covers ``[c, c + dp_size * micro_batch_size)`` and ``consumed_samples`` then grows by the round size per yielded
+micro-batch (:mod:`simflow.data.order`, "Partial global batches"), so nothing is skipped or seen twice.
 
 **Bad samples.** A source returns None for a sample it cannot read (corrupt JPEG, empty or truncated tar member,
 missing class, read errors after bounded retries). It is replaced by a deterministic stand-in
@@ -102,13 +104,13 @@ class RoundDataset(torch.utils.data.Dataset):
     plus ``skipped`` int64 (): how many unreadable samples were replaced by stand-ins."""
 
     def __init__(self, source: SampleSource, order: GlobalOrder, dp_rank: int, dp_size: int, micro_batch_size: int,
-                 resolution: int, hflip: bool):
-        self.source, self.order = source, order
+                 resolution: int, hflip: bool, origin: int = 0):
+        self.source, self.order, self.origin = source, order, origin
         self.dp_rank, self.dp_size, self.micro_batch_size = dp_rank, dp_size, micro_batch_size
         self.resolution, self.hflip = resolution, hflip
 
     def __getitem__(self, round_index: int) -> Dict[str, torch.Tensor]:
-        positions = micro_batch_positions(round_index, self.dp_rank, self.dp_size, self.micro_batch_size)
+        positions = micro_batch_positions(round_index, self.dp_rank, self.dp_size, self.micro_batch_size, self.origin)
         ids, epochs = self.order.samples_at(positions)
         items = self.source.read(ids, self.resolution)
         skipped = 0
@@ -163,7 +165,7 @@ class Loader:
         hflip: random horizontal flips, decided by (seed, epoch, position) only.
         resample: sample with replacement (see :mod:`simflow.data.order`).
         num_workers: DataLoader worker processes (0 = read in the calling process).
-        consumed_samples: global positions already consumed (a multiple of ``dp_size * micro_batch_size``).
+        consumed_samples: global positions already consumed (any integer >= 0; see the module docstring).
         prefetch_factor: rounds prefetched per worker.
     """
 
@@ -216,39 +218,38 @@ class Loader:
         return self._consumed // self.num_samples
 
     def _set_consumed(self, consumed: int) -> None:
-        if consumed < 0 or consumed % self.round_size != 0:
-            raise ValueError(
-                f"consumed_samples={consumed}: must be a non-negative multiple of dp_size x micro_batch_size "
-                f"= {self.dp_size} x {self.micro_batch_size} = {self.round_size}"
-            )
+        if consumed < 0:
+            raise ValueError(f"consumed_samples={consumed}: must be >= 0")
         self._consumed = int(consumed)
         self._generation += 1
 
     # -- iteration ---------------------------------------------------------------------------------------------
-    def dataset(self) -> RoundDataset:
+    def dataset(self, origin: int = 0) -> RoundDataset:
+        """The rounds of this rank counted from global position ``origin`` (item ``k`` starts at ``origin + k *
+        round_size``)."""
         return RoundDataset(self.source, self.order, self.dp_rank, self.dp_size, self.micro_batch_size,
-                            self.resolution, self.hflip)
+                            self.resolution, self.hflip, origin)
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         generation = self._generation
-        start = self._consumed // self.round_size
-        ds = self.dataset()
+        origin = self._consumed  # deal from here, whether or not it is a multiple of the round or global batch
+        ds = self.dataset(origin)
         if self.num_workers == 0:
-            batches: Iterator[Dict[str, torch.Tensor]] = (ds[r] for r in itertools.count(start))
+            batches: Iterator[Dict[str, torch.Tensor]] = (ds[r] for r in itertools.count(0))
         else:
             batches = iter(torch.utils.data.DataLoader(
-                ds, batch_size=None, sampler=_CountFrom(start), num_workers=self.num_workers,
+                ds, batch_size=None, sampler=_CountFrom(0), num_workers=self.num_workers,
                 prefetch_factor=self.prefetch_factor, persistent_workers=False, in_order=True,
             ))
-        for r, batch in zip(itertools.count(start), batches):
+        for r, batch in zip(itertools.count(0), batches):
             if generation != self._generation:
                 raise RuntimeError("the loader state changed (load_state_dict) while iterating; call iter(loader) again")
             skipped = int(batch.pop("skipped"))
             if skipped:
                 self.skipped_samples += skipped
-                log.warning("data: replaced %d unreadable sample(s) in round %d (total skipped %d)", skipped, r,
-                            self.skipped_samples)
-            self._consumed = (r + 1) * self.round_size
+                log.warning("data: replaced %d unreadable sample(s) at positions %d.. (total skipped %d)", skipped,
+                            origin + r * self.round_size, self.skipped_samples)
+            self._consumed = origin + (r + 1) * self.round_size
             yield batch
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ class Loader:
 
         Raises:
             ValueError naming the key when the seed, sample count or resample mode differ (the order would not
-            continue) or ``consumed_samples`` is not a multiple of this loader's round size.
+            continue) or ``consumed_samples`` is missing or negative.
         """
         for key, mine in (("seed", self.order.seed), ("num_samples", self.num_samples), ("resample", self.order.resample)):
             if key in state and state[key] != mine:

@@ -19,6 +19,15 @@ of ``B = micro_batch_size`` consecutive positions; micro-batch ``j = m * dp_size
 samples make up a global batch thus depends only on ``(seed, s, G)``, never on how many ranks share it, and a run
 that stopped after ``consumed_samples`` positions continues at any world size with the same global batch.
 
+**Partial global batches (elastic resume).** A loader deals from its ``consumed_samples`` *whatever it is*: with
+``c0`` = the position it starts (or resumes) at, round ``k`` of this start covers ``c0 + k*dp_size*B + [0,
+dp_size*B)`` (the ``origin`` argument of :func:`micro_batch_positions`). A run that resumes at another world size
+without ``train.global_batch_size`` (so its global batch changes, say from 12 to 8 after 5 steps: ``c0 = 60``, not a
+multiple of 8) thus continues at position 60 with batches ``[60, 68), [68, 76), ...``: every position is used exactly
+once, none is skipped or repeated, and the global batches of all steps sum to ``consumed_samples``. Only the grid of
+batch boundaries shifts; with ``train.global_batch_size`` set the global batch never changes, ``c0`` is always a
+multiple of it and the order equals an uninterrupted run's.
+
 **Per-sample randomness** (horizontal flip here; posterior noise and label dropout in the trainer) comes from a
 counter-based hash of ``(seed, stream, epoch, position)`` (:func:`per_sample_uniform`), not from a rank's RNG
 stream, so it is identical whichever rank or worker processes the sample.
@@ -76,17 +85,25 @@ def per_sample_uniform(seed: int, stream: int, epoch, position) -> np.ndarray:
     return (per_sample_hash(seed, stream, epoch, position) >> _U64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
 
 
-def micro_batch_positions(round_index: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> np.ndarray:
-    """Global positions of one rank's micro-batch in round ``round_index``.
+def micro_batch_positions(round_index: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+                          origin: int = 0) -> np.ndarray:
+    """Global positions of one rank's micro-batch in round ``round_index``, counted from position ``origin``.
 
-    Round ``r`` = optimizer step ``s`` and accumulation step ``m`` with ``r = s * grad_accumulation + m``.
+    Round ``r`` = optimizer step ``s`` and accumulation step ``m`` with ``r = s * grad_accumulation + m`` when the
+    run started at ``origin = 0``; a loader resumed at ``consumed_samples = c0`` counts its rounds from ``origin =
+    c0`` (any value >= 0; see "Partial global batches" in the module docstring).
 
     Returns:
-        int64 (micro_batch_size,): ``r*dp_size*B + dp_rank*B + [0, B)``.
+        int64 (micro_batch_size,): ``origin + r*dp_size*B + dp_rank*B + [0, B)``.
+
+    Raises:
+        ValueError: ``dp_rank`` outside ``[0, dp_size)`` or ``origin < 0``.
     """
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
-    start = (round_index * dp_size + dp_rank) * micro_batch_size
+    if origin < 0:
+        raise ValueError(f"origin={origin}: global positions are >= 0")
+    start = int(origin) + (round_index * dp_size + dp_rank) * micro_batch_size
     return np.arange(start, start + micro_batch_size, dtype=np.int64)
 
 

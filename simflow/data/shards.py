@@ -23,6 +23,14 @@ thanks to a file lock), and then read by range locally. ``.beton`` files for FFC
   standard AWS variables -- never logged);
 * ``pipe:COMMAND`` where COMMAND contains ``{name}``; it must print the file ``name`` (``index.json`` or a shard)
   to stdout, e.g. ``pipe:aws s3 cp s3://bucket/prefix/{name} -`` or ``pipe:curl -fsS https://host/prefix/{name}``.
+  COMMAND is split once into words (``shlex.split``) and run **without a shell** (pipes, redirections and ``$``
+  are not interpreted; write ``pipe:sh -c '...'`` for those, at your own risk).
+
+**Untrusted names.** Shard names come from ``index.json``, which may be written by anyone who can write the bucket.
+Each one must match :data:`SHARD_NAME_RE` (letters, digits, ``.``, ``_``, ``-``; no path separator, not starting with
+``.`` or ``-``, at most 255 characters) and appear once, or the index is refused at start naming the entry
+(:func:`check_shard_name`). Staged copies are written only at ``realpath(cache_dir)/<name>``, checked to lie inside
+the cache (:func:`path_inside`).
 
 Bad input never stops a run: unreadable samples (corrupt image, empty or truncated member, missing/invalid class,
 short or failed reads after ``data.retries`` retries with exponential back-off, each bounded by ``data.timeout_s``)
@@ -40,6 +48,9 @@ import io
 import json
 import logging
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -65,6 +76,42 @@ _TAR_MTIME = 0.0  # fixed member mtime: the same source gives byte-identical sha
 # ============================================================================================================
 # stores: where shard bytes come from
 # ============================================================================================================
+SHARD_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """Return ``name`` if it is a safe shard file name, else raise.
+
+    Safe: a ``str`` matching :data:`SHARD_NAME_RE` in full (so no ``/``, ``\\``, NUL, spaces, quotes or shell
+    metacharacters such as ``$`` ``;`` ``|`` `` ` `` ``(``), not starting with ``.`` (so not ``.`` or ``..``) or
+    ``-`` (it would read as an option of a ``pipe:`` command).
+
+    Args:
+        name: the value read from an index.
+        where: the index and entry, for the message (e.g. ``"/data/index.json: shards[3].name"``).
+
+    Raises:
+        DataError: naming ``where`` and the offending value (``repr``).
+    """
+    if not isinstance(name, str) or not SHARD_NAME_RE.fullmatch(name):
+        raise DataError(f"{where}: unsafe shard name {name!r}: a shard name must be 1-255 characters of "
+                        f"[A-Za-z0-9._-], not starting with '.' or '-', with no path separator; refusing the index")
+    return name
+
+
+def path_inside(root: str, name: str) -> str:
+    """``realpath(root)/name``, checked to lie strictly inside ``realpath(root)`` (symlinks resolved).
+
+    Raises:
+        DataError: the resolved path escapes ``root`` (names both).
+    """
+    base = os.path.realpath(root)
+    dest = os.path.realpath(os.path.join(base, name))
+    if os.path.dirname(dest) != base:
+        raise DataError(f"data.cache_dir={root!r}: shard {name!r} would be written to {dest}, outside the cache")
+    return dest
+
+
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
@@ -211,19 +258,24 @@ class PipeStore(Store):
     """``pipe:COMMAND`` with a ``{name}`` placeholder; every file is staged whole into ``cache_dir`` first."""
 
     def __init__(self, template: str, cache_dir: str, timeout_s: float = 60.0):
-        if "{name}" not in template:
-            raise DataError(f"data.path={template!r}: a pipe: URL must contain '{{name}}' where the file name goes")
+        self.argv = pipe_argv(template)
         self.root, self.cache_dir, self.timeout_s = template, cache_dir, timeout_s
 
     def url(self, name: str) -> str:
         return self.root.replace("{name}", name)
 
+    def command(self, name: str) -> List[str]:
+        """The argument vector that prints ``name`` (checked with :func:`check_shard_name`); run without a shell."""
+        check_shard_name(name, f"data.path={self.root!r}")
+        return [w.replace("{name}", name) for w in self.argv]
+
     def fetch_to(self, name: str, dest: str) -> None:
-        cmd = self.url(name)[len("pipe:") :]
+        argv = self.command(name)
         with open(dest, "wb") as f:
-            proc = subprocess.run(cmd, shell=True, stdout=f, stderr=subprocess.PIPE, timeout=self.timeout_s)
+            proc = subprocess.run(argv, shell=False, stdout=f, stderr=subprocess.PIPE, timeout=self.timeout_s)
         if proc.returncode != 0:
-            raise OSError(f"`{cmd}` exited with status {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
+            raise OSError(f"`{shlex.join(argv)}` exited with status {proc.returncode}: "
+                          f"{proc.stderr.decode(errors='replace')[-300:]}")
 
     def read_file(self, name: str) -> bytes:
         with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
@@ -258,8 +310,8 @@ class StagedStore(Store):
         return self.inner.sizes()
 
     def stage(self, name: str) -> str:
-        """Local path of the staged copy of ``name`` (downloading it first if needed)."""
-        dest = os.path.join(self.cache_dir, name)
+        """Local path of the staged copy of ``name`` (downloading it first if needed); always inside ``cache_dir``."""
+        dest = path_inside(self.cache_dir, check_shard_name(name, f"staging into {self.cache_dir}"))
         if os.path.exists(dest):
             return dest
         if name in self._failed:
@@ -321,6 +373,92 @@ def open_store(url: str, endpoint: Optional[str] = None, timeout_s: float = 60.0
     return FsspecStore(url, endpoint, timeout_s)
 
 
+def pipe_argv(template: str) -> List[str]:
+    """The words of a ``pipe:COMMAND`` template (``shlex.split``), with ``{name}`` in at least one of them.
+
+    Raises:
+        DataError: no ``{name}``, unbalanced quotes or an empty command; names ``data.path``.
+    """
+    if "{name}" not in template:
+        raise DataError(f"data.path={template!r}: a pipe: URL must contain '{{name}}' where the file name goes")
+    try:
+        argv = shlex.split(template[len("pipe:"):])
+    except ValueError as e:
+        raise DataError(f"data.path={template!r}: cannot split the pipe: command into words ({e})") from None
+    if not argv:
+        raise DataError(f"data.path={template!r}: empty pipe: command")
+    return argv
+
+
+def check_data_path(source: str, path: str, endpoint: Optional[str] = None, timeout_s: float = 60.0,
+                    retries: int = 1) -> None:
+    """Cheap start-up check of ``data.path`` (called by the launcher before any process group exists).
+
+    * ``npz`` / ``ffcv``: a local file must exist (``s3://``: the object must exist);
+    * ``shards``: a local folder (or ``index.json`` path) must hold ``index.json``, which is parsed and whose shard
+      names are checked (:func:`check_shard_name`), so a hostile index is refused before anything runs; ``s3://``:
+      ``index.json`` must exist under the prefix; ``pipe:``: the command must split into words, contain
+      ``{name}``, and its program must be found (``shutil.which``). Nothing is run or downloaded for ``pipe:``.
+
+    Raises:
+        DataError: naming ``data.path`` and what is wrong.
+    """
+    if not path:
+        raise DataError("data.path is empty")
+    if is_pipe(path):
+        if source != "shards":
+            raise DataError(f"data.path={path!r}: pipe: URLs work with data.source=shards only (not {source!r})")
+        prog = pipe_argv(path)[0]
+        if shutil.which(prog) is None:
+            raise DataError(f"data.path={path!r}: program {prog!r} of the pipe: command not found on PATH")
+        return
+    if is_s3(path):
+        loc = path if source != "shards" else f"{index_root(path).rstrip('/')}/{INDEX_NAME}"
+        fs = s3_filesystem(endpoint, timeout_s)
+        try:
+            found = with_retries(lambda: fs.exists(loc), f"checking {loc}", retries, fatal=True)
+        except DataError as e:
+            raise DataError(f"data.path={path!r}: cannot reach {loc}: {e}") from None
+        if not found:
+            raise DataError(f"data.path={path!r}: {loc} does not exist")
+        return
+    if source != "shards":
+        if not os.path.isfile(path):
+            raise DataError(f"data.path={path!r}: no such file (data.source={source})")
+        return
+    root = index_root(path)
+    index = os.path.join(root, INDEX_NAME)
+    if not os.path.isfile(index):
+        raise DataError(f"data.path={path!r}: {index} does not exist (write the shards with tools/make_shards.py)")
+    try:
+        with open(index, "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.path={path!r}: cannot read {index} ({e})") from None
+    check_index_names(doc, index)
+
+
+def check_index_names(doc: Any, where: str) -> List[str]:
+    """The shard names of a parsed ``index.json``, each checked (:func:`check_shard_name`) and unique.
+
+    Raises:
+        DataError: naming ``where``, the entry (``shards[i].name``) and the value.
+    """
+    shards = doc.get("shards") if isinstance(doc, dict) else None
+    if not isinstance(shards, list):
+        raise DataError(f"{where}: no 'shards' list")
+    names: List[str] = []
+    seen = set()
+    for i, entry in enumerate(shards):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        check_shard_name(name, f"{where}: shards[{i}].name")
+        if name in seen:
+            raise DataError(f"{where}: shards[{i}].name {name!r} appears twice")
+        seen.add(name)
+        names.append(name)
+    return names
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -367,6 +505,7 @@ class ShardIndex:
             raise DataError(f"{where}: format {doc.get('format')!r} is not {INDEX_FORMAT!r} (write it with tools/make_shards.py)")
         if not doc.get("complete", False):
             raise DataError(f"{where}: the index is incomplete (tools/make_shards.py was interrupted; run it again)")
+        names = check_index_names(doc, where)  # untrusted: refused before anything uses them
         shards = doc["shards"]
         counts = np.array([s["num_samples"] for s in shards], np.int64)
         offsets = np.concatenate([np.asarray(s["offsets"], np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
@@ -375,7 +514,7 @@ class ShardIndex:
             raise DataError(f"{where}: per-sample offsets ({len(offsets)}) do not match the sample counts ({counts.sum()})")
         meta = {k: v for k, v in doc.items() if k != "shards"}
         return cls(
-            names=[s["name"] for s in shards],
+            names=names,
             counts=counts,
             sizes=np.array([s["bytes"] for s in shards], np.int64),
             sha256=[s["sha256"] for s in shards],
@@ -590,6 +729,12 @@ class ShardSource(SampleSource):
 
 
 __all__ = [
+    "SHARD_NAME_RE",
+    "check_shard_name",
+    "check_index_names",
+    "check_data_path",
+    "path_inside",
+    "pipe_argv",
     "INDEX_NAME",
     "INDEX_FORMAT",
     "ShardIndex",

@@ -201,13 +201,15 @@ def check_parallel_config(cfg: SimFlowConfig, world_size: int, source: str = "<c
     """Check the parallel layout against the world size before any process group starts; return DP size.
 
     Rules: ``world_size % tp_size == 0``; the flow's attention heads divide by ``tp_size``; if
-    ``train.global_batch_size`` is set it equals ``micro_batch_size x grad_accumulation x DP``; TP > 1 needs the
-    DeepSpeed engine (the local engine holds one process and no tensor-parallel groups).
+    ``train.global_batch_size`` is set, ``train.grad_accumulation`` is derived from it for this DP size (in place,
+    :func:`simflow.config.derive_grad_accumulation`: the elastic rule, the same at every restart and under
+    ``slurm/train.sh``) and must come out whole; TP > 1 needs the DeepSpeed engine (the local engine holds one
+    process and no tensor-parallel groups).
 
     Raises:
         ConfigError: naming the key and the values at fault.
     """
-    from simflow.config import validate
+    from simflow.config import derive_grad_accumulation, validate
 
     tp = cfg.parallel.tp_size
     if tp < 1 or world_size % tp != 0:
@@ -222,6 +224,7 @@ def check_parallel_config(cfg: SimFlowConfig, world_size: int, source: str = "<c
         )
     if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage != 3:
         raise ConfigError(f"{source}: parallel.zero_stage={cfg.parallel.zero_stage}: only ZeRO stage 3 is supported")
+    derive_grad_accumulation(cfg, dp, source)
     validate(cfg, dp_size=dp, source=source)
     return dp
 

@@ -4,9 +4,7 @@ Runs in one process, or under ``torchrun``/``srun`` through :mod:`launcher` (whi
 process group starts and sets up the topology).
 """
 
-import sys
-
-from launcher.main import main
+from launcher.main import entry, main  # noqa: F401 - main: the simflow-train console script
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -18,7 +18,14 @@ Exit codes (``sysexits.h`` conventions):
 =====================  ====  =============================================================================
 ``REQUEUE_EXIT_CODE``  75    EX_TEMPFAIL: state saved at a step boundary after SIGTERM/SIGUSR1; run again
 ``WATCHDOG_EXIT_CODE`` 70    EX_SOFTWARE: no step finished for ``checkpoint.watchdog_s``; forced exit
+``LOCKED_EXIT_CODE``   73    EX_CANTCREAT: the run directory's lock is held by another live job; refused
+                             before any training (not requeued by ``slurm/train.sh``)
+``CONFIG_EXIT_CODE``   2     bad config, layout or ``data.path``: named in the message, before any process group
 =====================  ====  =============================================================================
+
+Engineer A's non-finite guard adds one more (``train.max_skipped_steps`` consecutive non-finite steps; not
+requeued either). Once a rank has committed its stop-step checkpoint, *any* later signal still ends it with 75
+(:meth:`StopFlag.hold`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ log = logging.getLogger("simflow")
 
 REQUEUE_EXIT_CODE = 75
 WATCHDOG_EXIT_CODE = 70
+LOCKED_EXIT_CODE = 73
+CONFIG_EXIT_CODE = 2
 
 
 class RequeueExit(SystemExit):
@@ -89,6 +98,16 @@ class StopFlag:
         """Restore the handlers that were there before :meth:`install`."""
         for s, h in self._previous.items():
             signal.signal(s, h)
+        self._previous.clear()
+
+    def hold(self) -> None:
+        """Keep the flag-only handlers installed until the process ends (instead of :meth:`uninstall`).
+
+        Called once the stop-step checkpoint is committed: the process is on its way out with
+        :data:`REQUEUE_EXIT_CODE`, and a later stop signal (``torchrun`` sends SIGTERM to the surviving workers as
+        soon as one of them exits; ``srun`` relays signals to every task) must not turn that into death by signal
+        (-15). The launcher's process entry point (:func:`launcher.main.entry`) then leaves with ``os._exit(75)``,
+        so no signal can land in interpreter finalization either, after Python restored the default handlers."""
         self._previous.clear()
 
 
@@ -185,4 +204,4 @@ class Watchdog:
         self.stop()
 
 
-__all__ = ["REQUEUE_EXIT_CODE", "WATCHDOG_EXIT_CODE", "RequeueExit", "StopFlag", "StepBoundary", "Watchdog"]
+__all__ = ["REQUEUE_EXIT_CODE", "WATCHDOG_EXIT_CODE", "LOCKED_EXIT_CODE", "CONFIG_EXIT_CODE", "RequeueExit", "StopFlag", "StepBoundary", "Watchdog"]

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from simflow.checkpoint.lock import RunLock, RunLockError, ensure_run_id
+from simflow.checkpoint.lock import claim_run_dir
 from simflow.checkpoint.manager import Checkpointer
 from simflow.checkpoint.store import CheckpointError, Group
 from simflow.config import SimFlowConfig, from_dict, to_dict
@@ -209,22 +209,12 @@ class Trainer:
 
     @contextlib.contextmanager
     def _run_guard(self, boundary: StepBoundary) -> Iterator[Watchdog]:
-        """For the duration of :meth:`fit`: the run-id check and run lock (rank 0; every rank raises the same error
-        if either fails), the stop-signal handlers and the watchdog. All undone on any exit."""
+        """For the duration of :meth:`fit`: the run-id check and run lock (collective :func:`claim_run_dir`: rank 0
+        holds it, every rank raises the same error if either fails; re-entrant, so a lock the launcher already took
+        before building the engines is reused), the stop-signal handlers and the watchdog. All undone on any exit;
+        after a committed stop step the flag-only handlers stay (:meth:`StopFlag.hold`), so the exit status stays 75."""
         group = Group()
-        lock, err = None, None
-        if group.rank == 0:
-            try:
-                ensure_run_id(self.ckpt_dir, self.run_id)
-                if self.cfg.checkpoint.lock:
-                    c = self.cfg.checkpoint
-                    lock = RunLock(self.ckpt_dir, self.run_id, c.lock_heartbeat_s, c.lock_stale_s,
-                                   c.lock_wait_s).acquire()
-            except CheckpointError as e:
-                err = (isinstance(e, RunLockError), str(e))
-        err = group.broadcast(err)
-        if err is not None:
-            raise (RunLockError if err[0] else CheckpointError)(err[1])
+        lock = claim_run_dir(self.ckpt_dir, self.run_id, self.cfg.checkpoint, group)
         if (group.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
                 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0):
             log.warning("torchrun shares its rendezvous TCPStore with the workers: after a worker restart it still "
@@ -232,14 +222,19 @@ class Trainer:
                         "(pytorch/pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
         installed = boundary.flag.install()
         watchdog = Watchdog(self.cfg.checkpoint.watchdog_s).start()
+        requeue = False
         try:
             yield watchdog
+        except RequeueExit:
+            requeue = True  # the stop step is committed: later signals must not change the exit status (75)
+            raise
         finally:
             watchdog.stop()
-            if installed:
+            if installed and requeue:
+                boundary.flag.hold()
+            elif installed:
                 boundary.flag.uninstall()
-            if lock is not None:
-                lock.release()
+            lock.release()
             self.metrics.close()
 
     # ------------------------------------------------------------------------------------------------------
