@@ -6,9 +6,9 @@
     srun -N2 --ntasks-per-node=4 python -m launcher --config configs/xl.yaml parallel.engine=deepspeed parallel.tp_size=4
 
 Order of work: parse arguments -> load and validate the config (unknown keys, types, cross-field rules) -> check
+the layout against the world size, deriving ``train.grad_accumulation`` from ``train.global_batch_size`` -> check
 ``data.path`` (local file or shard index, ``s3://`` object, ``pipe:`` program; a hostile shard index is refused
-here) -> derive ``train.grad_accumulation`` from ``train.global_batch_size`` for this world size -> only then build
-anything. A bad config or data path exits with status 2 and a message naming the key or path, before any model,
+here) -> only then build anything. A bad config or data path exits with status 2 and a message naming the key or path, before any model,
 data or process group exists. Then the run directory is claimed (run id + run lock) before the engines are built:
 another live job's lock exits with status 73 naming its holder. Exit statuses: :mod:`simflow.train.signals`.
 """
@@ -47,13 +47,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         env = detect_dist_env()  # torchrun variables, else srun's SLURM_*, else one process; starts nothing
+        check_parallel_config(cfg, env.world_size, args.config)  # layout; derives grad_accumulation
         d = cfg.data
         check_data_path(d.source, d.path, d.s3_endpoint, d.timeout_s, d.retries)  # before any process group
         if env.world_size > 1 or cfg.parallel.engine != "local":
             from launcher.distributed import launch_distributed
 
             return launch_distributed(cfg, args.config, env)
-        check_parallel_config(cfg, 1, args.config)  # global batch = micro x accumulation x 1
     except (ConfigError, DataError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT_CODE
@@ -101,8 +101,9 @@ def entry(argv: Optional[List[str]] = None) -> NoReturn:
     committed on every rank; this then flushes the logs and leaves with ``os._exit(75)``, skipping interpreter
     finalization, so that a second signal (torchrun's SIGTERM to the surviving workers, srun's relay) cannot kill the
     process with -15 after Python restored its default handlers."""
-    from simflow.train.signals import REQUEUE_EXIT_CODE, RequeueExit
+    from simflow.train.signals import REQUEUE_EXIT_CODE, RequeueExit, hold_handlers_after_requeue
 
+    hold_handlers_after_requeue()  # this process ends right after a stop step: later signals are only recorded
     try:
         rc = main(argv)
     except RequeueExit:

@@ -70,6 +70,22 @@ def _signal_number(name: str) -> int:
     return int(sig)
 
 
+_HOLD_AFTER_REQUEUE = False
+
+
+def hold_handlers_after_requeue(on: bool = True) -> None:
+    """Process-wide policy, set by the process entry point (:func:`launcher.main.entry`): after a committed stop
+    step, keep the flag-only handlers until the process ends (:meth:`StopFlag.hold`) instead of restoring the
+    previous ones. Off by default, so an in-process caller (tests, a notebook) gets its handlers back."""
+    global _HOLD_AFTER_REQUEUE
+    _HOLD_AFTER_REQUEUE = bool(on)
+
+
+def holding_after_requeue() -> bool:
+    """Whether :func:`hold_handlers_after_requeue` is on."""
+    return _HOLD_AFTER_REQUEUE
+
+
 class StopFlag:
     """Installs handlers for ``signals`` that only record the signal (see the module docstring).
 
@@ -204,4 +220,5 @@ class Watchdog:
         self.stop()
 
 
-__all__ = ["REQUEUE_EXIT_CODE", "WATCHDOG_EXIT_CODE", "LOCKED_EXIT_CODE", "CONFIG_EXIT_CODE", "RequeueExit", "StopFlag", "StepBoundary", "Watchdog"]
+__all__ = ["REQUEUE_EXIT_CODE", "WATCHDOG_EXIT_CODE", "LOCKED_EXIT_CODE", "CONFIG_EXIT_CODE",
+           "hold_handlers_after_requeue", "holding_after_requeue", "RequeueExit", "StopFlag", "StepBoundary", "Watchdog"]

@@ -40,7 +40,8 @@ from simflow.models.simflow import SimFlowModel
 from simflow.parallel.engine import Engine
 from simflow.sampling import sample_images, save_grid
 from simflow.train.metrics import MetricsLogger, plot_loss_curve
-from simflow.train.signals import REQUEUE_EXIT_CODE, RequeueExit, StepBoundary, Watchdog
+from simflow.train.signals import (REQUEUE_EXIT_CODE, RequeueExit, StepBoundary, Watchdog,
+                                   holding_after_requeue)
 from simflow.train.noise import STREAM_LATENT_NOISE, STREAM_POSTERIOR, drop_labels, per_sample_normal
 
 log = logging.getLogger("simflow")
@@ -212,7 +213,8 @@ class Trainer:
         """For the duration of :meth:`fit`: the run-id check and run lock (collective :func:`claim_run_dir`: rank 0
         holds it, every rank raises the same error if either fails; re-entrant, so a lock the launcher already took
         before building the engines is reused), the stop-signal handlers and the watchdog. All undone on any exit;
-        after a committed stop step the flag-only handlers stay (:meth:`StopFlag.hold`), so the exit status stays 75."""
+        under the process entry point, after a committed stop step the flag-only handlers stay (:meth:`StopFlag.hold`),
+        so the exit status stays 75."""
         group = Group()
         lock = claim_run_dir(self.ckpt_dir, self.run_id, self.cfg.checkpoint, group)
         if (group.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -230,7 +232,7 @@ class Trainer:
             raise
         finally:
             watchdog.stop()
-            if installed and requeue:
+            if installed and requeue and holding_after_requeue():  # set by the process entry point
                 boundary.flag.hold()
             elif installed:
                 boundary.flag.uninstall()
