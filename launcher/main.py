@@ -8,6 +8,11 @@
 Order of work: parse arguments -> load and validate the config (unknown keys, types, cross-field rules) -> only
 then build anything. A bad config exits with status 2 and a message naming the key, before any model, data or
 process group exists.
+
+Exit statuses (``simflow.train.signals``): 0 done; 2 configuration error; 3 (``NONFINITE_EXIT_CODE``)
+``train.max_skipped_steps`` consecutive non-finite steps, nothing saved, not requeued by ``slurm/train.sh`` (only
+75 is); 70 watchdog; 75 (``REQUEUE_EXIT_CODE``) saved after SIGTERM/SIGUSR1, run again. The trainer raises 3 and 75
+as ``SystemExit`` subclasses, so every rank of every launcher exits with them unchanged.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
     res["local_numel_all"] = [int(t.item()) for t in numels]
     it = iter(tr.loader)
     t0 = time.time()
-    res["metrics"] = [tr.train_step(it) for _ in range(steps)]
+    res["metrics"] = [tr.train_step_logged(it) for _ in range(steps)]
     res["steps_s"] = time.time() - t0
     res["gen_state"] = gen.state_dict()
     res["disc_state"] = tr.disc.state_dict() if tr.disc is not None else None
@@ -201,7 +201,7 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         res["samples"] = sample_images(model, idx, idx % cfg.model.flow.num_classes, cfg.sample, topo.device,
                                        torch.float32)
         model.train()
-    res["next_metrics"] = tr.train_step(it)
+    res["next_metrics"] = tr.train_step_logged(it)
     res["after_next_export"] = gen.full_state_dict(ema=False)
     if local_state:  # a LocalEngine state (1 process) loaded into these sharded engines, then one step
         st = torch.load(local_state, weights_only=True)
@@ -209,7 +209,7 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         tr.disc.load_state_dict(st["disc"])
         tr.loader.load_state_dict(st["loader"])
         tr.step = steps
-        res["from_local_metrics"] = tr.train_step(iter(tr.loader))
+        res["from_local_metrics"] = tr.train_step_logged(iter(tr.loader))
     res["errors"] = {}
     try:  # the accumulation protocol is enforced
         gen.step()
@@ -230,7 +230,7 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         tb = Trainer(load_config(TINY, overrides + ["train.precision=bf16"]), topo, build_engine=build_engine)
         res["bf16_autocast"] = tb.gen._ds.torch_autocast_enabled()
         itb = iter(tb.loader)
-        res["bf16_metrics"] = [tb.train_step(itb) for _ in range(bf16_steps)]
+        res["bf16_metrics"] = [tb.train_step_logged(itb) for _ in range(bf16_steps)]
     if rank == 0:
         torch.save(res, os.path.join(outdir, "result.pt"))
     destroy_topology(topo)
