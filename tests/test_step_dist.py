@@ -32,6 +32,8 @@ def _equal_bits(a, b) -> bool:
         return a.keys() == b.keys() and all(_equal_bits(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_equal_bits(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
     return a == b
 
 

@@ -11,8 +11,8 @@ What it does, in the order a run sees it:
 2. **Construction under** ``deepspeed.zero.Init`` over the data-parallel group: each module's parameters are
    partitioned as soon as its ``__init__`` returns, so the XL model never exists whole on one rank. Tensor-parallel
    layers come from :class:`~simflow.parallel.tensor_parallel.TensorParallelLinearFactory` when ``tp_size > 1``.
-3. ``deepspeed.initialize`` with a ``torch.optim.AdamW`` **client optimizer** (DeepSpeed's FusedAdam would JIT-build
-   a CUDA/CPU op) and the :class:`~simflow.parallel.mpu.MegatronMPU` adapter, so ZeRO-3 shards over DP only and the
+3. ``deepspeed.initialize`` with a fused ``torch.optim.AdamW`` **client optimizer** (the local engine's; DeepSpeed's
+   FusedAdam would JIT-build a CUDA/CPU op) and the :class:`~simflow.parallel.mpu.MegatronMPU` adapter, so ZeRO-3 shards over DP only and the
    gradient norm counts TP-replicated parameters once.
 4. **Sharded EMA**: for each tracked parameter the EMA is an fp32 copy of *this rank's* ZeRO-3 partition of the
    fp32 master weight, updated in place (``ema <- d ema + (1 - d) theta``; method §8); nothing is gathered per step.
@@ -271,7 +271,7 @@ class DeepSpeedEngine(Engine):
                 self._trainable[name] = len(self._trainable)
         opt = torch.optim.AdamW(
             params, lr=lr_at(0, s["lr"], s["warmup_steps"], s["schedule"], s["total_steps"], s["min_lr"]),
-            betas=s["betas"], weight_decay=s["weight_decay"], eps=s["eps"],
+            betas=s["betas"], weight_decay=s["weight_decay"], eps=s["eps"], fused=True,  # as LocalEngine
         )
         self._ds, _, _, _ = deepspeed.initialize(
             model=module, optimizer=opt, config=self.ds_config, mpu=self.mpu, dist_init_required=False
@@ -462,7 +462,7 @@ class DeepSpeedEngine(Engine):
         for flat in self._flat_partitions():
             st = self.optimizer.state[flat]
             if "exp_avg" not in st:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["step"] = torch.tensor(0.0, dtype=torch.float32, device=flat.device)  # fused AdamW: on device
                 st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         return self.optimizer.state
@@ -566,7 +566,7 @@ class DeepSpeedEngine(Engine):
         if ostate:  # AdamW's bias-correction step (fewer than ``steps`` when steps were skipped)
             adam_step = max(float(st["step"]) for st in ostate.values() if "step" in st)
             for flat in self._flat_partitions():
-                self.optimizer.state[flat]["step"] = torch.tensor(adam_step, dtype=torch.float32)
+                self.optimizer.state[flat]["step"] = torch.tensor(adam_step, dtype=torch.float32, device=flat.device)
         self._ds.global_steps = self.steps
         self._ds.micro_steps = self.steps * self.grad_accumulation
         self._buffer_guard.snapshot()
