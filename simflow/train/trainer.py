@@ -52,8 +52,8 @@ from simflow.train.noise import STREAM_LATENT_NOISE, STREAM_POSTERIOR, drop_labe
 
 log = logging.getLogger("simflow")
 
-# Test hook (tests/test_nonfinite.py): "STEP[@RANK],..." makes rank RANK (every rank without @RANK) multiply its
-# generator and discriminator losses at 0-based trainer step STEP by NaN. Read once when the Trainer is built.
+# Test hook (tests/test_step.py, tests/test_step_dist.py): "STEP[@RANK],..." makes rank RANK (every rank without
+# @RANK) multiply its generator and discriminator losses at 0-based trainer step STEP by NaN. Read at Trainer build.
 POISON_ENV = "SIMFLOW_TEST_POISON_LOSS"
 
 
