@@ -10,7 +10,12 @@ the layout against the world size, deriving ``train.grad_accumulation`` from ``t
 ``data.path`` (local file or shard index, ``s3://`` object, ``pipe:`` program; a hostile shard index is refused
 here) -> only then build anything. A bad config or data path exits with status 2 and a message naming the key or path, before any model,
 data or process group exists. Then the run directory is claimed (run id + run lock) before the engines are built:
-another live job's lock exits with status 73 naming its holder. Exit statuses: :mod:`simflow.train.signals`.
+another live job's lock exits with status 73 naming its holder.
+
+Exit statuses (``simflow.train.signals``): 0 done; 2 configuration error; 3 (``NONFINITE_EXIT_CODE``)
+``train.max_skipped_steps`` consecutive non-finite steps, not requeued; 70 watchdog; 73 run directory locked by
+another live job; 75 (``REQUEUE_EXIT_CODE``) saved after SIGTERM/SIGUSR1, run again. The trainer raises 3 and 75
+as ``SystemExit`` subclasses, so every rank of every launcher exits with them unchanged.
 """
 
 from __future__ import annotations

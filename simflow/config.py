@@ -202,6 +202,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     run_id: Optional[str] = None
     log_every: int = 10
+    # stop the run (exit status 3, not requeued) after this many consecutive non-finite (skipped) steps; checked at
+    # log steps and before every checkpoint save, so detection lags at most log_every steps
+    max_skipped_steps: int = 5
     sample_every: int = 5000
     sample_grid: int = 16
     device: str = "auto"  # auto | cpu | cuda
@@ -376,6 +379,10 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("train.label_drop", "must be in [0, 1)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         bad("train.ema_decay", "must be in [0, 1)")
+    if cfg.train.max_skipped_steps < 1:
+        bad("train.max_skipped_steps", "must be >= 1 (consecutive non-finite steps before the run stops)")
+    if cfg.train.log_every < 1:
+        bad("train.log_every", "must be >= 1")
     if cfg.train.micro_batch_size < 1:
         bad("train.micro_batch_size", "must be >= 1")
     if cfg.train.grad_accumulation < 1:

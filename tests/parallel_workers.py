@@ -189,7 +189,7 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
     res["local_numel_all"] = [int(t.item()) for t in numels]
     it = iter(tr.loader)
     t0 = time.time()
-    res["metrics"] = [tr.train_step(it) for _ in range(steps)]
+    res["metrics"] = [tr.train_step_logged(it) for _ in range(steps)]
     res["steps_s"] = time.time() - t0
     res["gen_state"] = gen.state_dict()
     res["disc_state"] = tr.disc.state_dict() if tr.disc is not None else None
@@ -201,7 +201,7 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         res["samples"] = sample_images(model, idx, idx % cfg.model.flow.num_classes, cfg.sample, topo.device,
                                        torch.float32)
         model.train()
-    res["next_metrics"] = tr.train_step(it)
+    res["next_metrics"] = tr.train_step_logged(it)
     res["after_next_export"] = gen.full_state_dict(ema=False)
     if local_state:  # a LocalEngine state (1 process) loaded into these sharded engines, then one step
         st = torch.load(local_state, weights_only=True)
@@ -209,7 +209,7 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         tr.disc.load_state_dict(st["disc"])
         tr.loader.load_state_dict(st["loader"])
         tr.step = steps
-        res["from_local_metrics"] = tr.train_step(iter(tr.loader))
+        res["from_local_metrics"] = tr.train_step_logged(iter(tr.loader))
     res["errors"] = {}
     try:  # the accumulation protocol is enforced
         gen.step()
@@ -230,7 +230,97 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
         tb = Trainer(load_config(TINY, overrides + ["train.precision=bf16"]), topo, build_engine=build_engine)
         res["bf16_autocast"] = tb.gen._ds.torch_autocast_enabled()
         itb = iter(tb.loader)
-        res["bf16_metrics"] = [tb.train_step(itb) for _ in range(bf16_steps)]
+        res["bf16_metrics"] = [tb.train_step_logged(itb) for _ in range(bf16_steps)]
     if rank == 0:
         torch.save(res, os.path.join(outdir, "result.pt"))
     destroy_topology(topo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# non-finite guard and fp32 gradient reduction on the DeepSpeed engine (tests/test_step_dist.py)
+def _local_state(tr) -> Dict[str, Any]:
+    """This rank's own shards, copied: fp32 master partitions, AdamW moments/step of the flat partitions, EMA."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    out: Dict[str, Any] = {}
+    for role, eng in (("gen", tr.gen), ("disc", tr.disc)):
+        out[f"{role}.master"] = {n: safe_get_local_fp32_param(p).detach().clone() for n, p in eng._params.items()
+                                 if n in eng._trainable}
+        out[f"{role}.adam"] = [{k: (v.detach().clone() if torch.is_tensor(v) else v)
+                                for k, v in eng.optimizer.state.get(f, {}).items()} for f in eng._flat_partitions()]
+        out[f"{role}.ema"] = {k: v.detach().clone() for k, v in eng.ema.items()}
+    return out
+
+
+def nonfinite_worker(rank: int, world: int, outdir: str, overrides: List[str], poison: str) -> None:
+    """DeepSpeed Trainer with ``SIMFLOW_TEST_POISON_LOSS=poison``: 3 steps, snapshot (this rank's shards and the
+    full topology-free state), the 4th step (poisoned on one rank), snapshot, 2 more steps, flush the metrics; then
+    ``fit()`` on to ``train.steps`` with more poisoned steps until ``NonFiniteExit``. Every rank saves its results."""
+    os.environ["SIMFLOW_TEST_POISON_LOSS"] = poison
+    from simflow.config import load_config
+    from simflow.parallel.factory import build_engine
+    from simflow.parallel.topology import destroy_topology, init_topology
+    from simflow.train.trainer import Trainer
+
+    cfg = load_config(TINY, overrides)
+    topo = init_topology(cfg)
+    tr = Trainer(cfg, topo, build_engine=build_engine)
+    it = iter(tr.loader)
+    res: Dict[str, Any] = {}
+    for _ in range(3):
+        tr.train_step(it)
+    res["before_local"] = _local_state(tr)
+    res["before_full"] = tr.gen.state_dict()
+    res["lr_before"] = tr.gen.optimizer.param_groups[0]["lr"]
+    tr.train_step(it)
+    res["after_local"] = _local_state(tr)
+    res["after_full"] = tr.gen.state_dict()
+    res["lr_after"] = tr.gen.optimizer.param_groups[0]["lr"]
+    res["steps_after"] = (tr.step, tr.gen.steps, tr.gen._ds.global_steps)
+    for _ in range(2):
+        tr.train_step(it)
+    res["moved_local"] = _local_state(tr)
+    res["rows"] = tr.flush_metrics()
+    tr.check_skips()
+    res["skipped_steps"] = tr.skipped_steps
+    try:
+        tr.fit()
+        res["exit"] = None
+    except SystemExit as e:  # NonFiniteExit
+        res["exit"] = (e.code, getattr(e, "message", ""), tr.step)
+    torch.save(res, os.path.join(outdir, f"nonfinite_rank{rank}.pt"))
+    destroy_topology(topo)
+
+
+def bf16_reduce_worker(rank: int, world: int, outdir: str, safe_modules) -> None:
+    """ZeRO-3 under DeepSpeed's bf16 ``torch_autocast`` with :func:`deepspeed_config` (``safe_modules`` None) or with
+    its ``lower_precision_safe_modules`` replaced (the old bf16-reducing setting). One Linear(4, 4, bias=False),
+    loss = sum(W x): dL/dW[i, j] = x[j]; rank 0 feeds x = 1, rank 1 x = 2^-9 (both exact in bf16). The reduced
+    (averaged) gradient is (1 + 2^-9) / 2 in fp32, but 0.5 if the sum is rounded to bf16 (its spacing at 1 is 2^-7).
+    Saves the full reduced gradient and the comm dtypes of the parameters."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from simflow.config import load_config
+    from simflow.parallel.deepspeed_engine import deepspeed_config
+
+    torch.distributed.init_process_group("gloo")
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    cfg = load_config(TINY, ["train.precision=bf16", "parallel.engine=deepspeed", "train.micro_batch_size=1",
+                             "optim.grad_clip=0"])
+    conf = deepspeed_config(cfg, world, torch.device("cpu"))
+    if safe_modules is not None:
+        conf["torch_autocast"]["lower_precision_safe_modules"] = list(safe_modules)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4, bias=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=conf, dist_init_required=False)
+    x = torch.full((1, 4), 1.0 if rank == 0 else 2.0 ** -9)
+    y = engine(x)
+    engine.backward(y.float().sum())
+    p = next(engine.module.parameters())
+    res = {"grad": safe_get_full_grad(p).detach().clone(),
+           "comm_dtypes": sorted(str(d) for d in engine.optimizer.ipg_buckets),
+           "autocast": engine.torch_autocast_enabled(), "loss_dtype": str(y.dtype)}
+    torch.save(res, os.path.join(outdir, f"bf16_rank{rank}.pt"))
+    torch.distributed.destroy_process_group()

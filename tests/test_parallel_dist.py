@@ -52,10 +52,10 @@ def reference(demo_npz, tmp_path_factory):
     cfg = load_config(TINY, _overrides(demo_npz, out, f"train.micro_batch_size={GLOBAL_BATCH}"))
     tr = Trainer(cfg)
     it = iter(tr.loader)
-    metrics = [tr.train_step(it) for _ in range(STEPS)]
+    metrics = [tr.train_step_logged(it) for _ in range(STEPS)]
     state = os.path.join(out, "local_state.pt")  # LocalEngine state after STEPS steps, for the sharded runs to load
     torch.save({"gen": tr.gen.state_dict(), "disc": tr.disc.state_dict(), "loader": tr.loader.state_dict()}, state)
-    metrics.append(tr.train_step(it))
+    metrics.append(tr.train_step_logged(it))
     return {"cfg": cfg, "metrics": metrics, "state_path": state}
 
 
@@ -169,7 +169,7 @@ def test_state_resumes_in_one_process(run, reference, request, tmp_path):
     tr.disc.load_state_dict(res["disc_state"])
     tr.loader.load_state_dict(res["loader_state"])
     tr.step = STEPS
-    m = tr.train_step(iter(tr.loader))
+    m = tr.train_step_logged(iter(tr.loader))
     for key in ("loss", "d_loss", "grad_norm"):
         assert _close(m[key], res["next_metrics"][key]), (key, m[key], res["next_metrics"][key])
         assert _close(m[key], reference["metrics"][STEPS][key]), (key, m[key], reference["metrics"][STEPS][key])
@@ -186,7 +186,7 @@ def test_bf16_autocast_path_tracks_the_local_engine(dp2, reference, tmp_path):
                                        "train.precision=bf16"))
     tr = Trainer(cfg)
     it = iter(tr.loader)
-    local = [tr.train_step(it) for _ in range(BF16_STEPS)]
+    local = [tr.train_step_logged(it) for _ in range(BF16_STEPS)]
     for step, (a, b) in enumerate(zip(local, dp2["bf16_metrics"])):
         assert _close(a["loss"], b["loss"], rel=1e-2), (step, a["loss"], b["loss"])
         assert _close(a["d_loss"], b["d_loss"], rel=2e-2), (step, a["d_loss"], b["d_loss"])

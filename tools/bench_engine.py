@@ -218,7 +218,7 @@ def gpu_sanity(steps: int, dry_run_cpu: bool = False) -> dict:
         topo = init_topology(cfg)
         tr = Trainer(cfg, topo, build_engine=build_engine)
         it = iter(tr.loader)
-        metrics[engine] = [tr.train_step(it)["loss"] for _ in range(steps)]
+        metrics[engine] = [tr.train_step_logged(it)["loss"] for _ in range(steps)]
         if engine == "deepspeed":
             idx = torch.arange(4)
             with torch.no_grad(), tr.gen.full_params(ema=True) as m:

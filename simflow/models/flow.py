@@ -276,10 +276,20 @@ class TransformerFlow(nn.Module):
             log_sigma = a
         return log_sigma, b
 
-    def condition(self, y: torch.Tensor) -> torch.Tensor:
-        """(B,) int64 labels in [0, num_classes] (num_classes = null) -> (B, D) condition vectors."""
-        if y.min() < 0 or y.max() > self.num_classes:
+    def check_labels(self, y: torch.Tensor) -> None:
+        """Validate labels at a data boundary, never inside :meth:`forward` (reading ``y`` on the host is a
+        device-to-host sync and a ``torch.compile`` graph break). :meth:`inverse` calls it once per sampling call;
+        training checks its data set's classes once at start (:class:`~simflow.train.trainer.Trainer`).
+
+        Raises:
+            ValueError: a label outside ``[0, num_classes]`` (``num_classes`` = null class), naming the values.
+        """
+        if y.numel() and (y.min() < 0 or y.max() > self.num_classes):
             raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = null), got {y.tolist()}")
+
+    def condition(self, y: torch.Tensor) -> torch.Tensor:
+        """(B,) int64 labels in [0, num_classes] (num_classes = null) -> (B, D) condition vectors. Does not check
+        the range (no host sync in the training step): see :meth:`check_labels`."""
         return self.class_emb(y)
 
     # ------------------------------------------------------------------------------------------------------
@@ -376,6 +386,7 @@ class TransformerFlow(nn.Module):
         """
         x = noise.float()
         bsz = x.shape[0]
+        self.check_labels(y)  # sampling entry point: labels come from the caller
         c_cond = self.condition(y)
         c_both = torch.cat([c_cond, self.condition(torch.full_like(y, self.num_classes))])
         n_blocks = len(self.blocks)

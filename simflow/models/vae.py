@@ -303,11 +303,16 @@ class VAE(nn.Module):
             eps: standard-normal noise shaped like ``mu``, drawn by the caller (per-sample seeded generators).
 
         Returns:
-            ``z`` with the shape and dtype of ``mu``; differentiable w.r.t. ``mu`` (and ``logvar``).
+            ``z`` float32 with the shape of ``mu``, whatever the autocast dtype: ``mu`` and ``eps`` are cast to fp32
+            before the noise is added, so under bf16 autocast the variable the flow models is not rounded to bf16's
+            ~0.008 grid near |z| = 1 (the exact-likelihood floor of method §4.4 needs the fp32 sample; the decoder
+            casts back as autocast decides). Differentiable w.r.t. ``mu`` (and ``logvar``).
         """
         if eps.shape != mu.shape:
             raise ValueError(f"VAE.reparameterize: eps shape {tuple(eps.shape)} != mu shape {tuple(mu.shape)}")
-        return mu + self.posterior_std(logvar) * eps.to(mu.dtype)
+        with torch.autocast(device_type=mu.device.type, enabled=False):
+            std = self.posterior_std(None if logvar is None else logvar.float())
+            return mu.float() + std * eps.float()
 
     def kl(self, mu: torch.Tensor, logvar: Optional[torch.Tensor]) -> torch.Tensor:
         """``KL(q(z|x) || N(0, I))`` per sample, summed over all latent dims, in nats (LDM/REPA-E KL term, §5.2).

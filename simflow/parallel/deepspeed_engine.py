@@ -6,12 +6,14 @@ What it does, in the order a run sees it:
    batch (micro x accumulation x DP) and gradient clipping taken from the SimFlow config; fp32 parameters; on CUDA
    (``train.precision=auto``) or with ``train.precision=bf16`` DeepSpeed's ``torch_autocast`` runs the forward in
    bf16 with fp32 master weights (the same numerics as the local engine's ``torch.autocast``; DeepSpeed would
-   otherwise *disable* an outer autocast inside its forward). No parameter persistence: every parameter is sharded.
+   otherwise *disable* an outer autocast inside its forward). Gradients are reduced in **fp32** (see
+   :func:`deepspeed_config`). No parameter persistence: every parameter is sharded.
 2. **Construction under** ``deepspeed.zero.Init`` over the data-parallel group: each module's parameters are
    partitioned as soon as its ``__init__`` returns, so the XL model never exists whole on one rank. Tensor-parallel
    layers come from :class:`~simflow.parallel.tensor_parallel.TensorParallelLinearFactory` when ``tp_size > 1``.
 3. ``deepspeed.initialize`` with a ``torch.optim.AdamW`` **client optimizer** (DeepSpeed's FusedAdam would JIT-build
-   a CUDA/CPU op) and the :class:`~simflow.parallel.mpu.MegatronMPU` adapter, so ZeRO-3 shards over DP only and the
+   a CUDA/CPU op; torch's ``fused=True`` on the flat ZeRO-3 partitions rounds differently from the local engine's
+   per-parameter fused kernel, enough to break the 1e-5 local-vs-sharded loss test, so it stays foreach) and the :class:`~simflow.parallel.mpu.MegatronMPU` adapter, so ZeRO-3 shards over DP only and the
    gradient norm counts TP-replicated parameters once.
 4. **Sharded EMA**: for each tracked parameter the EMA is an fp32 copy of *this rank's* ZeRO-3 partition of the
    fp32 master weight, updated in place (``ema <- d ema + (1 - d) theta``; method §8); nothing is gathered per step.
@@ -58,7 +60,7 @@ import torch.distributed as dist
 from torch import nn
 
 from simflow.config import SimFlowConfig, global_batch_size
-from simflow.parallel.engine import Engine, lr_at, optimizer_settings
+from simflow.parallel.engine import NONFINITE_GRAD_NORM, NONFINITE_LOSS, BufferGuard, Engine, lr_at, optimizer_settings
 from simflow.parallel.mpu import MegatronMPU
 from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
 
@@ -77,6 +79,15 @@ def deepspeed_config(cfg: SimFlowConfig, dp_size: int, device: torch.device) -> 
     ``train_batch_size = micro_batch_size x grad_accumulation x dp_size`` (DeepSpeed re-checks it against the
     mpu's DP size); ``gradient_clipping = optim.grad_clip``; ZeRO stage 3 with ``stage3_param_persistence_threshold
     = 0`` (every parameter is partitioned: simpler state handling, and the sharding is exactly 1/DP).
+
+    Reduction dtype: in DeepSpeed 0.19.8 ZeRO-3 under ``torch_autocast`` ignores ``communication_data_type`` for
+    the parameters of the ``lower_precision_safe_modules`` classes: it tags them with ``comm_dtype = bf16``
+    (``deepspeed/runtime/torch_autocast.py`` ``init_autocast_params``), and that tag sets both the dtype their
+    gradients are reduce-scattered in (``base_optimizer.get_param_comm_dtype``) and the dtype their weights are
+    all-gathered in (``partition_parameters.get_allgather_dtype``). The list is therefore left **empty**: every
+    gradient is reduced in fp32 (``communication_data_type: fp32`` for the rest), at the cost of fp32 instead of
+    bf16 weight all-gathers. The forward numerics do not change: autocast still runs Linear/Conv in bf16 (it
+    rounds the gathered fp32 weight to bf16 exactly as a bf16 gather would).
     """
     t = cfg.train
     bf16 = uses_bf16(cfg, device)
@@ -92,6 +103,7 @@ def deepspeed_config(cfg: SimFlowConfig, dp_size: int, device: torch.device) -> 
         "wall_clock_breakdown": False,
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        "communication_data_type": "fp32",
         "zero_optimization": {
             "stage": 3,
             "contiguous_gradients": True,
@@ -112,13 +124,7 @@ def deepspeed_config(cfg: SimFlowConfig, dp_size: int, device: torch.device) -> 
         conf["torch_autocast"] = {
             "enabled": True,
             "dtype": "bfloat16",
-            "lower_precision_safe_modules": [
-                "torch.nn.Linear",
-                "torch.nn.Conv2d",
-                "simflow.models.layers.DenseLinear",
-                "simflow.parallel.tensor_parallel.ColumnParallelDense",
-                "simflow.parallel.tensor_parallel.RowParallelDense",
-            ],
+            "lower_precision_safe_modules": [],  # no bf16 comm_dtype tags: fp32 gradient reduction (docstring)
         }
     return conf
 
@@ -278,6 +284,9 @@ class DeepSpeedEngine(Engine):
         self.steps = 0
         self._micro = 0
         self._frozen_depth = 0
+        self._loss_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # this rank, this step
+        self._applied = torch.ones((), dtype=torch.float32, device=self.device)  # 1.0 if the last step was applied
+        self._buffer_guard = BufferGuard(self.inner)  # buffers are replicated, not partitioned, under ZeRO-3
         self._names = {id(p): n for n, p in self.inner.named_parameters()}
         self._params = dict(self.inner.named_parameters())
         self.ema: Dict[str, torch.Tensor] = {}
@@ -295,21 +304,38 @@ class DeepSpeedEngine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch loss (scaled by ``1 / grad_accumulation`` inside DeepSpeed); ZeRO-3
-        reduce-scatters the gradients into this rank's partition."""
+        reduce-scatters the gradients into this rank's partition.
+
+        A non-finite loss is recorded (device flag) and multiplied into the backward as a NaN factor (``loss * 1``
+        otherwise, which leaves the gradients bit for bit unchanged), so that its gradients are NaN as well: the NaN
+        survives the reduce-scatter, every rank's global gradient norm is NaN and DeepSpeed skips the step on every
+        rank, even where a non-finite loss term had no finite-breaking gradient of its own."""
         if self._micro >= self.grad_accumulation:
             raise RuntimeError(
                 f"{self.role} engine: backward() called {self._micro + 1} times without step(); "
                 f"train.grad_accumulation={self.grad_accumulation}"
             )
-        self._ds.backward(loss)
+        bad = ~torch.isfinite(loss.detach())
+        self._loss_nonfinite |= bad
+        self._ds.backward(loss * torch.where(bad, float("nan"), 1.0).to(loss.dtype))
         self._micro += 1
         if self._micro < self.grad_accumulation:
             self._ds.step()  # not an accumulation boundary: DeepSpeed only advances its micro-step counter
 
-    def step(self) -> Dict[str, float]:
+    def step(self) -> Dict[str, object]:
         """Optimizer step at the accumulation boundary: clip at ``optim.grad_clip`` (global norm over DP and TP),
-        AdamW with the LR of :func:`lr_at` for this step, zero the gradients. Returns ``grad_norm`` (pre-clip) and
-        ``lr``."""
+        AdamW with the LR of :func:`lr_at` for this step, zero the gradients. Returns ``grad_norm`` (pre-clip, 0-dim
+        fp32 tensor), ``lr`` (float) and ``nonfinite`` (0-dim int64 bitmask, identical on every rank), as
+        :class:`~simflow.parallel.engine.Engine` documents.
+
+        Non-finite steps follow the policy of :mod:`simflow.parallel.engine`. DeepSpeed decides the skip itself:
+        ZeRO-3 computes the global gradient norm (all-reduced over DP and TP, so equal on every rank), reads it on
+        the host (``is_invalid_grad_norm``: DeepSpeed syncs here, internally, on every step) and, when it is inf/NaN,
+        zeroes the gradients and returns without calling AdamW: fp32 master weights, moments and AdamW's own
+        ``step`` stay unchanged. Its ``global_steps`` still advances, as ``self.steps`` and the LR schedule do
+        (attempted steps, like the local engine). ``was_step_applied()`` reports that decision; the loss flag of
+        :meth:`backward` (combined with one all-reduce MAX over the world) says whether a loss caused it. The EMA
+        update is masked with the same decision."""
         if self._micro != self.grad_accumulation:
             raise RuntimeError(
                 f"{self.role} engine: step() after {self._micro} backward() calls; "
@@ -320,10 +346,20 @@ class DeepSpeedEngine(Engine):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self._ds.step()
+        applied = bool(self._ds.was_step_applied())  # host value DeepSpeed already synced for its own decision
         norm = self._ds.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(self.device)
+        flags = torch.stack([self._loss_nonfinite.to(torch.float32),
+                             torch.tensor(0.0 if applied else 1.0, device=self.device)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank reports the same bits
+        bits = (flags[0] * NONFINITE_LOSS + flags[1] * NONFINITE_GRAD_NORM).to(torch.int64)
+        self._applied = torch.tensor(1.0 if applied else 0.0, device=self.device)
+        self._buffer_guard.settle(torch.tensor(not applied, device=self.device))
+        self._loss_nonfinite = torch.zeros_like(self._loss_nonfinite)
         self.steps += 1
         self._micro = 0
-        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+        return {"grad_norm": norm, "lr": lr, "nonfinite": bits}
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -357,9 +393,11 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        """``ema <- d * ema + (1 - d) * theta`` on this rank's partitions only (fp32; method §8, EMA 0.9999)."""
+        """``ema <- d * ema + (1 - d) * theta`` on this rank's partitions only (fp32; method §8, EMA 0.9999); after a
+        skipped step the weight is 0 and the EMA stays as it was (see :meth:`step`)."""
+        weight = self._applied * (1.0 - self.ema_decay)
         for name, e in self.ema.items():
-            e.lerp_(self._local_fp32(self._params[name]), 1.0 - self.ema_decay)
+            e.lerp_(self._local_fp32(self._params[name]), weight)
 
     # ------------------------------------------------------------------------------------------------------
     # gather / scatter helpers (collectives over DP and TP)
@@ -424,7 +462,7 @@ class DeepSpeedEngine(Engine):
         for flat in self._flat_partitions():
             st = self.optimizer.state[flat]
             if "exp_avg" not in st:
-                st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["step"] = torch.tensor(0.0, dtype=torch.float32, device=flat.device)  # fused AdamW: on device
                 st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         return self.optimizer.state
@@ -445,6 +483,9 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils import safe_get_local_optimizer_state
 
         have_state = any("exp_avg" in self.optimizer.state.get(f, {}) for f in self._flat_partitions())
+        # AdamW's own (bias-correction) step count: behind ``steps`` by the number of skipped steps
+        adam_step = max((float(self.optimizer.state[f]["step"]) for f in self._flat_partitions()
+                         if "step" in self.optimizer.state.get(f, {})), default=float(self.steps))
         module_sd: Dict[str, torch.Tensor] = {}
         opt_state: Dict[int, Dict[str, torch.Tensor]] = {}
         ema_sd: Dict[str, torch.Tensor] = {}
@@ -452,7 +493,7 @@ class DeepSpeedEngine(Engine):
             module_sd[name] = self._gather_full(p, self._local_fp32(p))
             i = self._trainable.get(name)
             if have_state and i is not None:
-                opt_state[i] = {"step": torch.tensor(float(self.steps))}
+                opt_state[i] = {"step": torch.tensor(adam_step)}
                 for k in ADAM_KEYS:
                     opt_state[i][k] = self._gather_full(p, safe_get_local_optimizer_state(p, k).view(-1))
             if name in self.ema:
@@ -522,11 +563,13 @@ class DeepSpeedEngine(Engine):
             if k in msd and b is not None:
                 b.copy_(msd[k].to(b.device, b.dtype))
         self.steps = int(sd["steps"])
-        if ostate:
+        if ostate:  # AdamW's bias-correction step (fewer than ``steps`` when steps were skipped)
+            adam_step = max(float(st["step"]) for st in ostate.values() if "step" in st)
             for flat in self._flat_partitions():
-                self.optimizer.state[flat]["step"] = torch.tensor(float(self.steps), dtype=torch.float32)
+                self.optimizer.state[flat]["step"] = torch.tensor(adam_step, dtype=torch.float32, device=flat.device)
         self._ds.global_steps = self.steps
         self._ds.micro_steps = self.steps * self.grad_accumulation
+        self._buffer_guard.snapshot()
         self._micro = 0
         s = self._sched
         lr = lr_at(self.steps, s["lr"], s["warmup_steps"], s["schedule"], s["total_steps"], s["min_lr"])
@@ -647,6 +690,7 @@ class DeepSpeedEngine(Engine):
         lr = lr_at(self.steps, s["lr"], s["warmup_steps"], s["schedule"], s["total_steps"], s["min_lr"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        self._buffer_guard.snapshot()
 
     def full_state_dict(self, ema: bool = True) -> Dict[str, torch.Tensor]:
         """Full fp32 weights on CPU, keys of the plain (TP=1) module: parameters (EMA values for tracked ones when

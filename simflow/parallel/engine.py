@@ -4,8 +4,8 @@ The trainer never touches optimizers, gradient scaling, sharding or process grou
 
     out = engine.module(...)          # forward (the wrapped nn.Module)
     engine.backward(loss)             # one micro-batch; the engine scales by 1/grad_accumulation
-    stats = engine.step()             # at the accumulation boundary: clip, optimizer step, zero grads, LR schedule
-    engine.ema_update()               # EMA of the configured sub-modules, kept in the same sharding as the params
+    stats = engine.step()             # at the accumulation boundary: clip, optimizer step (or a skip), zero grads, LR
+    engine.ema_update()               # EMA of the configured sub-modules (masked on a skipped step), same sharding
     engine.state_dict() / engine.load_state_dict(sd)   # everything needed to continue (weights, optimizer, EMA, LR)
     engine.sharded_state() / load_targets(meta) / apply_loaded(t, meta)   # the same, as this rank's shards only
     engine.full_state_dict(ema=True)  # full (unsharded) fp32 weights for export / single-process sampling
@@ -13,6 +13,21 @@ The trainer never touches optimizers, gradient scaling, sharding or process grou
 
 ``state_dict``, ``load_state_dict``, ``full_state_dict`` and ``full_params`` are **collective** in a distributed
 engine: every rank calls them (only the main rank writes files).
+
+``step()`` returns ``{"grad_norm": 0-dim fp32 device tensor (pre-clip global L2 norm), "lr": float (the LR this step
+used), "nonfinite": 0-dim int64 device tensor}``; nothing in it is read on the host, so a step queues device work
+without waiting for it (DeepSpeed's own overflow check is the exception, see its engine).
+
+**Non-finite steps** (the same policy in both engines). ``nonfinite`` is a bitmask, identical on every rank
+(all-reduce MAX over the world): bit 0 (:data:`NONFINITE_LOSS`) = a micro-batch loss given to :meth:`backward` was
+inf/NaN on some rank, bit 1 (:data:`NONFINITE_GRAD_NORM`) = the global gradient norm was inf/NaN. When it is non-zero
+the step is **skipped** on every rank: weights, AdamW moments and AdamW's bias-correction step count stay bit for bit
+as they were, the EMA update is masked (the EMA is left bit-identical), buffers written by the forward (BatchNorm
+running statistics) are put back (:class:`BufferGuard`), the gradients are zeroed. The engine's step
+counter ``steps`` and with it the LR schedule (:func:`lr_at`) still advance: they count *attempted* steps, so the
+run length (``train.steps``) and the LR curve do not depend on how many steps were skipped. The skipped global batch
+is consumed, not retried (the data order is a pure function of position; retrying a poisoned batch would loop); the
+trainer counts skips (``skipped_steps``) and stops the run after ``train.max_skipped_steps`` consecutive ones.
 
 :class:`LocalEngine` implements it for one process (CPU or one GPU). ``simflow.parallel.deepspeed_engine``
 implements it with DeepSpeed ZeRO-3 (+ megatron-core tensor parallelism).
@@ -66,6 +81,43 @@ def optimizer_settings(cfg: SimFlowConfig, role: str) -> Dict[str, object]:
     )
 
 
+NONFINITE_LOSS = 1  # bit of ``step()["nonfinite"]``: a micro-batch loss was inf/NaN on some rank
+NONFINITE_GRAD_NORM = 2  # bit of ``step()["nonfinite"]``: the global gradient norm was inf/NaN
+
+
+def nonfinite_bits(loss_nonfinite: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """``NONFINITE_LOSS * loss_nonfinite + NONFINITE_GRAD_NORM * (grad_norm not finite)`` as a 0-dim int64 tensor on
+    ``grad_norm``'s device (device ops only, no host sync). ``loss_nonfinite``: 0-dim bool."""
+    norm_bad = ~torch.isfinite(grad_norm.detach().float())
+    return loss_nonfinite.to(torch.int64) * NONFINITE_LOSS + norm_bad.to(torch.int64) * NONFINITE_GRAD_NORM
+
+
+class BufferGuard:
+    """Undo forward-time buffer updates (BatchNorm running statistics) of a skipped step, on the device.
+
+    A skipped step must not leave a trace either: a non-finite forward would otherwise write NaN into the running
+    statistics. :meth:`settle` is called at the end of every optimizer step: on a skip it copies the buffers back
+    from the snapshot taken at the end of the previous step (``torch.where``, no host read), then re-snapshots.
+    Call :meth:`snapshot` after loading a state. Costs one copy of the (small) buffers per step.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.buffers = [b for _, b in module.named_buffers() if b is not None]
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        for b, s in zip(self.buffers, self.saved):
+            s.copy_(b)
+
+    @torch.no_grad()
+    def settle(self, skip: torch.Tensor) -> None:
+        """``skip``: 0-dim bool device tensor (True = the step was skipped)."""
+        for b, s in zip(self.buffers, self.saved):
+            b.copy_(torch.where(skip, s, b))
+            s.copy_(b)
+
+
 class Engine:
     """Interface (see module docstring). Subclasses set ``module``, ``grad_accumulation`` and ``optimizer``."""
 
@@ -115,7 +167,12 @@ class Engine:
 
 
 class LocalEngine(Engine):
-    """Single-process engine (CPU or one GPU): plain parameters, ``torch.optim.AdamW``, fp32 master weights.
+    """Single-process engine (CPU or one GPU): plain parameters, fused ``torch.optim.AdamW``, fp32 master weights.
+
+    Non-finite steps (module docstring) are skipped on the device, as ``torch.amp.GradScaler`` skips fused optimizer
+    steps: the flag goes to the fused AdamW kernel as ``found_inf``, which then leaves parameters and moments
+    untouched and undoes its own ``step`` increment (``torch/optim/adam.py`` ``_fused_adam``); the EMA update is
+    multiplied by the same flag. No value is read on the host.
 
     Args:
         module: the model (already on its device).
@@ -146,8 +203,12 @@ class LocalEngine(Engine):
         self.grad_clip = grad_clip
         self._sched = dict(base_lr=lr, warmup_steps=warmup_steps, schedule=schedule, total_steps=total_steps, min_lr=min_lr)
         params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps,
+                                           fused=True)
         self.steps = 0
+        dev = params[0].device if params else torch.device("cpu")
+        self._loss_nonfinite = torch.zeros((), dtype=torch.bool, device=dev)  # any micro-batch loss inf/NaN
+        self._applied = torch.ones((), dtype=torch.float32, device=dev)  # 1.0 if the last step was applied, else 0.0
         self.ema_decay = ema_decay
         self.ema: Dict[str, torch.Tensor] = {
             name: p.detach().clone().float()
@@ -156,32 +217,52 @@ class LocalEngine(Engine):
         }
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(0, **self._sched)
+        self._buffer_guard = BufferGuard(module)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch loss (0-dim), scaled by ``1 / grad_accumulation``; records (on the device)
+        whether it was finite."""
+        self._loss_nonfinite |= ~torch.isfinite(loss.detach())
         (loss / self.grad_accumulation).backward()
 
-    def step(self) -> Dict[str, float]:
+    def step(self) -> Dict[str, object]:
+        """Clip at ``grad_clip`` (global L2 norm), then the fused AdamW step, or a skip when the loss or the norm is
+        non-finite (module docstring); zero the gradients; advance ``steps`` and the LR. Returns ``grad_norm``
+        (pre-clip, 0-dim fp32 device tensor), ``lr`` (float, the LR this step used) and ``nonfinite`` (0-dim int64
+        bitmask). No host sync."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        bits = nonfinite_bits(self._loss_nonfinite, norm)
+        skip = bits != 0
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        self.optimizer.found_inf = skip.to(torch.float32)  # read by the fused kernel: 1.0 = skip (GradScaler's protocol)
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
+        self._buffer_guard.settle(skip)
+        self._applied = (~skip).to(torch.float32)
+        self._loss_nonfinite = torch.zeros_like(self._loss_nonfinite)
+        self.steps += 1  # attempted steps: the LR schedule does not depend on skips
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.steps, **self._sched)
-        return {"grad_norm": float(norm), "lr": lr}
+        return {"grad_norm": norm.detach().float(), "lr": lr, "nonfinite": bits}
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        """ema <- d * ema + (1 - d) * param (fp32), method §8 (EMA 0.9999 on the flow)."""
+        """ema <- d * ema + (1 - d) * param (fp32), method §8 (EMA 0.9999 on the flow). After a skipped step the
+        weight ``1 - d`` is multiplied by 0 on the device, so the EMA stays as it was (``lerp`` with weight 0 returns
+        ``ema + 0 * (param - ema)``; the parameters are finite because the skipped step did not touch them)."""
         if not self.ema:
             return
         params = dict(self.module.named_parameters())
+        weight = self._applied * (1.0 - self.ema_decay)  # 0-dim device tensor: no host read
         for name, e in self.ema.items():
-            e.lerp_(params[name].detach().float(), 1.0 - self.ema_decay)
+            e.lerp_(params[name].detach().float(), weight)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -213,6 +294,7 @@ class LocalEngine(Engine):
         self.steps = int(sd["steps"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.steps, **self._sched)
+        self._buffer_guard.snapshot()
 
     def _named_trainable(self) -> Dict[str, torch.nn.Parameter]:
         ids = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -255,7 +337,7 @@ class LocalEngine(Engine):
         for name, p in self._named_trainable().items():
             if name in meta.get("optim_step", {}):
                 self.optimizer.state[p] = {
-                    "step": torch.tensor(float(meta["optim_step"][name]), dtype=torch.float32),
+                    "step": torch.tensor(float(meta["optim_step"][name]), dtype=torch.float32, device=p.device),
                     "exp_avg": tensors[f"optim/{name}/exp_avg"].to(p.device, p.dtype),
                     "exp_avg_sq": tensors[f"optim/{name}/exp_avg_sq"].to(p.device, p.dtype)}
         for k, e in self.ema.items():
@@ -263,6 +345,7 @@ class LocalEngine(Engine):
         self.steps = int(meta["steps"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.steps, **self._sched)
+        self._buffer_guard.snapshot()
 
     def full_state_dict(self, ema: bool = True) -> Dict[str, torch.Tensor]:
         sd = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items() if v.is_floating_point()}

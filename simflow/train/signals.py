@@ -5,7 +5,8 @@
   else, so it cannot interrupt a collective or a file write half-way.
 * **The vote** (:meth:`StepBoundary.vote`): at every step boundary each rank contributes ``[stop requested,
   periodic save due]`` and one ``all_reduce(MAX)`` combines them, so a signal that reached a single rank, or a
-  timer that expired on one rank's clock, makes *every* rank save the same step. The trainer then saves and every
+  timer that expired on one rank's clock, makes *every* rank save the same step. The flags are host values, so the
+  vote runs over a CPU (gloo) process group (:func:`host_group`): it never waits for the CUDA stream. The trainer then saves and every
   rank exits with :data:`REQUEUE_EXIT_CODE` ("requeue me"), by raising :class:`RequeueExit`.
 * **The watchdog** (:class:`Watchdog`): the loop calls :meth:`Watchdog.beat` at every step boundary and around
   checkpoint I/O; if no beat arrives for ``timeout_s`` (a collective waiting for a peer that hangs rather than dies),
@@ -15,16 +16,17 @@
 
 Exit codes (``sysexits.h`` conventions):
 
-=====================  ====  =============================================================================
-``REQUEUE_EXIT_CODE``  75    EX_TEMPFAIL: state saved at a step boundary after SIGTERM/SIGUSR1; run again
-``WATCHDOG_EXIT_CODE`` 70    EX_SOFTWARE: no step finished for ``checkpoint.watchdog_s``; forced exit
-``LOCKED_EXIT_CODE``   73    EX_CANTCREAT: the run directory's lock is held by another live job; refused
-                             before any training (not requeued by ``slurm/train.sh``)
-``CONFIG_EXIT_CODE``   2     bad config, layout or ``data.path``: named in the message, before any process group
-=====================  ====  =============================================================================
+======================= ====  ===========================================================================
+``REQUEUE_EXIT_CODE``   75    EX_TEMPFAIL: state saved at a step boundary after SIGTERM/SIGUSR1; run again
+``WATCHDOG_EXIT_CODE``  70    EX_SOFTWARE: no step finished for ``checkpoint.watchdog_s``; forced exit
+``LOCKED_EXIT_CODE``    73    EX_CANTCREAT: the run directory's lock is held by another live job; refused
+                              before any training (not requeued by ``slurm/train.sh``)
+``CONFIG_EXIT_CODE``    2     bad config, layout or ``data.path``: named in the message, before any process group
+``NONFINITE_EXIT_CODE`` 3     ``train.max_skipped_steps`` consecutive non-finite steps; not requeued (a
+                              restart would replay the same data and diverge again): lower the LR or fix the data
+======================= ====  ===========================================================================
 
-Engineer A's non-finite guard adds one more (``train.max_skipped_steps`` consecutive non-finite steps; not
-requeued either). Once a rank has committed its stop-step checkpoint, *any* later signal still ends it with 75
+Once a rank has committed its stop-step checkpoint, *any* later signal still ends it with 75
 (:meth:`StopFlag.hold`).
 """
 
@@ -48,6 +50,7 @@ REQUEUE_EXIT_CODE = 75
 WATCHDOG_EXIT_CODE = 70
 LOCKED_EXIT_CODE = 73
 CONFIG_EXIT_CODE = 2
+NONFINITE_EXIT_CODE = 3
 
 
 class RequeueExit(SystemExit):
@@ -61,6 +64,37 @@ class RequeueExit(SystemExit):
     def __init__(self, step: int):
         super().__init__(REQUEUE_EXIT_CODE)
         self.step = step
+
+
+class NonFiniteExit(SystemExit):
+    """Raised by the trainer on every rank alike when ``train.max_skipped_steps`` consecutive steps were skipped as
+    non-finite; the process exits with :data:`NONFINITE_EXIT_CODE` (nothing is saved: the newest checkpoint holds
+    the last good state).
+
+    Attributes:
+        step: the trainer step at which the run stopped; message: what was non-finite, and where.
+    """
+
+    def __init__(self, step: int, message: str):
+        super().__init__(NONFINITE_EXIT_CODE)
+        self.step = step
+        self.message = message
+
+
+_HOST_GROUP: Dict[int, object] = {}
+
+
+def host_group():
+    """The process group for host-side control flags: ``None`` (the default group) when it is gloo already, else one
+    gloo group over all ranks, created on first use and cached per default group. Collective on first use: every
+    rank must call it at the same point (the trainer does, at the first step boundary)."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _HOST_GROUP:
+        _HOST_GROUP.clear()  # a group of a destroyed default group is unusable
+        _HOST_GROUP[key] = dist.new_group(backend="gloo")
+    return _HOST_GROUP[key]
 
 
 def _signal_number(name: str) -> int:
@@ -133,7 +167,7 @@ class StepBoundary:
     Args:
         every_minutes: wall-clock save period in minutes (0 disables the timer).
         signals: names of the stop signals.
-        device: where the vote tensor lives (``cuda`` for NCCL, ``cpu`` for gloo).
+        device: ignored (kept for callers of the old signature): the vote is a CPU tensor on :func:`host_group`.
     """
 
     def __init__(self, every_minutes: float = 0.0, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
@@ -148,14 +182,15 @@ class StepBoundary:
         self._last_save = time.monotonic()
 
     def vote(self) -> Tuple[bool, bool]:
-        """``(stop, time_due)`` agreed by all ranks: each is True if it is True on *any* rank (all-reduce MAX).
-        Collective when ``torch.distributed`` is initialised: every rank must call it at every step boundary."""
+        """``(stop, time_due)`` agreed by all ranks: each is True if it is True on *any* rank (all-reduce MAX over
+        the gloo :func:`host_group`: CPU tensors, no CUDA stream sync). Collective when ``torch.distributed`` is
+        initialised: every rank must call it at every step boundary."""
         due = self.every_s > 0 and time.monotonic() - self._last_save >= self.every_s
         local = [1.0 if self.flag.received else 0.0, 1.0 if due else 0.0]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor(local, dtype=torch.float32, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            local = t.tolist()
+            t = torch.tensor(local, dtype=torch.float32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+            local = t.tolist()  # a CPU tensor: a host read, not a device sync
         return local[0] > 0, local[1] > 0
 
 
@@ -220,5 +255,6 @@ class Watchdog:
         self.stop()
 
 
-__all__ = ["REQUEUE_EXIT_CODE", "WATCHDOG_EXIT_CODE", "LOCKED_EXIT_CODE", "CONFIG_EXIT_CODE",
-           "hold_handlers_after_requeue", "holding_after_requeue", "RequeueExit", "StopFlag", "StepBoundary", "Watchdog"]
+__all__ = ["CONFIG_EXIT_CODE", "LOCKED_EXIT_CODE", "NONFINITE_EXIT_CODE", "REQUEUE_EXIT_CODE", "WATCHDOG_EXIT_CODE",
+           "NonFiniteExit", "RequeueExit", "StopFlag", "StepBoundary", "Watchdog", "hold_handlers_after_requeue",
+           "holding_after_requeue", "host_group"]

@@ -10,6 +10,12 @@ One optimizer step = ``grad_accumulation`` micro-batches on each of ``dp_size`` 
         generator.backward(L_G); discriminator.backward(hinge(D(x), D(x_hat.detach())))
     generator.step(); discriminator.step(); EMA update of the flow   # method §5.4 steps 5-7
 
+No host syncs between log steps: metrics stay 0-dim device tensors (:mod:`simflow.train.step_stats`) and are reduced
+across ranks once per ``train.log_every`` steps (and before every checkpoint save); a step whose loss or gradient
+norm is non-finite on any rank is skipped on the device by the engines (policy: :mod:`simflow.parallel.engine`),
+counted (``skipped_steps``) and named in a warning at the next log step; ``train.max_skipped_steps`` consecutive
+skips stop the run with :data:`~simflow.train.signals.NONFINITE_EXIT_CODE`.
+
 The trainer talks to weights only through the :class:`~simflow.parallel.engine.Engine` interface and to data only
 through the loader's (consumed-samples) state, so the same loop runs in one process or under torchrun/srun.
 """
@@ -40,11 +46,16 @@ from simflow.models.simflow import SimFlowModel
 from simflow.parallel.engine import Engine
 from simflow.sampling import sample_images, save_grid
 from simflow.train.metrics import MetricsLogger, plot_loss_curve
-from simflow.train.signals import (REQUEUE_EXIT_CODE, RequeueExit, StepBoundary, Watchdog,
+from simflow.train.signals import (REQUEUE_EXIT_CODE, NonFiniteExit, RequeueExit, StepBoundary, Watchdog,
                                    holding_after_requeue)
+from simflow.train.step_stats import MetricWindow, SkipTracker, poisoned_steps
 from simflow.train.noise import STREAM_LATENT_NOISE, STREAM_POSTERIOR, drop_labels, per_sample_normal
 
 log = logging.getLogger("simflow")
+
+# Test hook (tests/test_step.py, tests/test_step_dist.py): "STEP[@RANK],..." makes rank RANK (every rank without
+# @RANK) multiply its generator and discriminator losses at 0-based trainer step STEP by NaN. Read at Trainer build.
+POISON_ENV = "SIMFLOW_TEST_POISON_LOSS"
 
 
 @dataclass
@@ -153,10 +164,17 @@ class Trainer:
         from simflow.data import build_loader
 
         self.loader = build_loader(cfg, self.topo.dp_rank, self.topo.dp_size)
+        check_data_labels(self.loader, cfg)  # once, on the host: the step never reads labels back
         self.step = 0
         self.checkpointer = Checkpointer(self.ckpt_dir, {"generator": self.gen, "discriminator": self.disc},
                                          self.loader, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
                                          rng_get=rng_state, rng_set=set_rng_state)
+        self.window = MetricWindow(self.device)  # per-step metric rows, reduced at log steps
+        self.skips = SkipTracker(self.device)  # skipped (non-finite) steps, read at log steps and before saves
+        self.skipped_steps = 0  # host copy of the cumulative count, as of the last read (saved in the trainer state)
+        self._poison = poisoned_steps(os.environ.get(POISON_ENV), self.topo.rank)
+        self._t_flush = time.perf_counter()  # host timer for img_per_s over a log window
+        self._window_images = 0
         self.metrics = MetricsLogger(self.out_dir, cfg.logging.wandb, cfg.logging.project, self.run_id,
                                      to_dict(cfg), enabled=self.topo.is_main)
         self.history: List[Dict[str, float]] = []
@@ -179,7 +197,8 @@ class Trainer:
                              "dp_size": self.topo.dp_size},
                 "precision": str(self.dtype).replace("torch.", ""),
                 "loss_scale": "none (fp32 master weights, fp32 or bf16 compute: no dynamic loss scaling)"}
-        d = self.checkpointer.save(self.step, {"step": self.step}, meta, block=block)
+        d = self.checkpointer.save(self.step, {"step": self.step, "skipped_steps": self.skipped_steps}, meta,
+                                 block=block)
         self._saved_step = self.step
         return d
 
@@ -202,6 +221,8 @@ class Trainer:
         found, trainer_state, info = got
         self.resume_report = {"loaded": found, "skipped": info["skipped"]}
         self.step = self._saved_step = int(trainer_state["step"])
+        self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
+        self.skips = SkipTracker(self.device, self.skipped_steps)
         if self.topo.is_main:
             log.info("resumed from %s at step %d (saved at world size %s, now %d%s)", found, self.step,
                      info["manifest"].get("world_size"), self.topo.world_size,
@@ -245,18 +266,34 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def micro_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """Forward + backward of one micro-batch for the generator and the discriminator."""
+    def host_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
+        """The host (CPU) half of a micro-step: per-sample posterior noise, CFG label dropout and latent noise from
+        the batch's global sample indices (:mod:`simflow.train.noise`), on CPU tensors that never were on the
+        device (their reads are not device syncs). Returns ``image`` (B, 3, H, W), ``label`` (B,) int64 after
+        dropout, ``eps`` and ``latent_noise`` (B, C_lat, h, w) float32 or None."""
         cfg = self.cfg
-        x = batch["image"].to(self.device, non_blocking=True)
-        y = batch["label"].to(self.device)
         idx = batch["index"]
-        eps = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_POSTERIOR).to(self.device)
-        y_in = drop_labels(y, self.model.null_class, cfg.train.label_drop, cfg.train.seed, idx)
         latent_noise = None
         if cfg.model.flow.noise_std > 0:  # STARFlow-style extra latent noise, its own per-sample stream
-            latent_noise = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx,
-                                             STREAM_LATENT_NOISE).to(self.device)
+            latent_noise = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_LATENT_NOISE)
+        return {
+            "image": batch["image"],
+            "label": drop_labels(batch["label"], self.model.null_class, cfg.train.label_drop, cfg.train.seed, idx),
+            "eps": per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_POSTERIOR),
+            "latent_noise": latent_noise,
+        }
+
+    def micro_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch for the generator and the discriminator. Returns the detached
+        0-dim device metrics of :func:`~simflow.losses.joint.generator_loss` / ``discriminator_loss``; no host sync
+        after :meth:`host_inputs`."""
+        cfg = self.cfg
+        h = self.host_inputs(batch)
+        x = h["image"].to(self.device, non_blocking=True)
+        y_in = h["label"].to(self.device, non_blocking=True)
+        eps = h["eps"].to(self.device, non_blocking=True)
+        latent_noise = None if h["latent_noise"] is None else h["latent_noise"].to(self.device, non_blocking=True)
+        poison = self.step in self._poison  # test hook (POISON_ENV): a host int lookup, no tensor read
         teacher_features = None
         if self.teacher is not None:
             with torch.no_grad():
@@ -268,42 +305,106 @@ class Trainer:
             with frozen:
                 loss, m = generator_loss(cfg, self.model, out, x, self.step, self.perceptual,
                                          self.disc.module if gan_on else None, teacher_features)
+        if poison:
+            loss = loss * float("nan")
+            m["loss"] = loss.detach().float()
         self.gen.backward(loss)
         if gan_on:
             with self._autocast():
                 d_loss, dm = discriminator_loss(self.disc.module, x, out["x_hat"])
+            if poison:
+                d_loss = d_loss * float("nan")
+                dm["d_loss"] = d_loss.detach().float()
             self.disc.backward(d_loss)
             m.update(dm)
         return m
 
-    def train_step(self, data_iter) -> Dict[str, float]:
-        """One optimizer step (``grad_accumulation`` micro-batches); returns DP-averaged metrics."""
-        t0 = time.perf_counter()
-        acc: Dict[str, float] = {}
+    def train_step(self, data_iter) -> Dict[str, torch.Tensor]:
+        """One optimizer step (``grad_accumulation`` micro-batches), with **no host sync** (DeepSpeed's internal
+        overflow read aside): returns this rank's micro-batch-averaged metrics and ``grad_norm`` as 0-dim device
+        tensors and queues them, with the host values ``lr`` and ``skipped_samples``, as one row of
+        :attr:`window` (reduce with :meth:`flush_metrics`). A non-finite step is skipped by the engines and
+        recorded in :attr:`skips` (device counters); ``self.step`` counts attempted steps either way."""
+        acc: Dict[str, torch.Tensor] = {}
         n = self.cfg.train.grad_accumulation
         for _ in range(n):
             for k, v in self.micro_step(next(data_iter)).items():
-                acc[k] = acc.get(k, 0.0) + v / n
+                acc[k] = v / n if k not in acc else acc[k] + v / n
         stats = self.gen.step()
+        bits = stats["nonfinite"]
         if self.disc is not None and self.step >= self.cfg.loss.gan.start_step:
-            self.disc.step()
+            bits = bits + 4 * self.disc.step()["nonfinite"]  # discriminator's bits 2-3 (step_stats.SKIP_REASONS)
         self.gen.ema_update()
-        acc = self._reduce(acc)
-        dt = time.perf_counter() - t0
-        acc.update(grad_norm=stats["grad_norm"], lr=stats["lr"],
-                   img_per_s=self.cfg.train.micro_batch_size * n * self.topo.dp_size / dt,
-                   skipped_samples=float(getattr(self.loader, "skipped_samples", 0)))
+        self.skips.update(self.step + 1, bits)
+        acc["grad_norm"] = stats["grad_norm"]
         self.step += 1
+        self._window_images += self.cfg.train.micro_batch_size * n * self.topo.dp_size
+        self.window.add(self.step, acc, {"lr": float(stats["lr"]),
+                                         "skipped_samples": float(getattr(self.loader, "skipped_samples", 0))})
         return acc
 
-    def _reduce(self, m: Dict[str, float]) -> Dict[str, float]:
-        if not (dist.is_available() and dist.is_initialized()) or self.topo.world_size == 1:
-            return m
-        keys = sorted(m)
-        dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL reduces device tensors only
-        t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=dev)
-        dist.all_reduce(t)  # TP ranks hold identical values, so the world mean equals the DP mean
-        return {k: v / self.topo.world_size for k, v in zip(keys, t.tolist())}
+    def flush_metrics(self) -> List[Dict[str, float]]:
+        """Collective (every rank, same step): the pending rows of :meth:`train_step` averaged over the ranks (one
+        all-reduce) as Python floats, oldest first, each with ``step``, ``img_per_s`` (images of the window over the
+        host time since the previous flush, which was a sync point too) and ``skipped_steps`` (cumulative, as of the
+        previous :meth:`check_skips`). This is where the step's device work is waited for."""
+        world = self.topo.world_size if dist.is_available() and dist.is_initialized() else 1
+        rows = self.window.flush(world)
+        now = time.perf_counter()
+        img_per_s = self._window_images / max(now - self._t_flush, 1e-9)
+        self._t_flush, self._window_images = now, 0
+        for r in rows:
+            r.update(img_per_s=img_per_s, skipped_steps=float(self.skipped_steps))
+        return rows
+
+    def train_step_logged(self, data_iter) -> Dict[str, float]:
+        """:meth:`train_step` then :meth:`flush_metrics` (a sync point): this step's rank-averaged metrics as
+        floats. For tests and tools that want every step's values; the loop itself flushes at log steps only."""
+        self.train_step(data_iter)
+        return self.flush_metrics()[-1]
+
+    def check_skips(self) -> None:
+        """Read the skipped-step counters (a host sync; at log steps and before every checkpoint save), warn
+        naming the skipped steps and what was non-finite, update ``skipped_steps``.
+
+        Raises:
+            NonFiniteExit: ``train.max_skipped_steps`` consecutive steps were skipped (identical on every rank: the
+                counters are built from rank-combined flags), so every rank stops alike, exit status 3.
+        """
+        rep = self.skips.read()
+        self.skipped_steps = rep.total
+        if rep.window and self.topo.is_main:
+            log.warning("non-finite step(s): %s; weights, AdamW moments and EMA were left unchanged and the global "
+                        "batch was consumed (not retried)", rep.describe())
+        limit = self.cfg.train.max_skipped_steps
+        if rep.consecutive >= limit:
+            msg = (f"{rep.consecutive} consecutive non-finite steps up to step {self.step} (train.max_skipped_steps="
+                   f"{limit}; last window: {rep.describe()}): the run stops without saving; the newest checkpoint "
+                   f"holds the last good state. Lower optim.lr or check the data, then restart")
+            exc = NonFiniteExit(self.step, msg)
+            if self.topo.is_main:
+                log.error("%s; exiting with status %d", msg, exc.code)
+            raise exc
+
+    def _sync_point(self) -> List[Dict[str, float]]:
+        """Log-step / pre-save reads: flush the metric rows into :attr:`history`, then check the skip counters."""
+        rows = self.flush_metrics()
+        self.history.extend(rows)
+        self.check_skips()
+        if rows:
+            rows[-1]["skipped_steps"] = float(self.skipped_steps)
+        return rows
+
+    def _warn_below_bound(self, rows: List[Dict[str, float]]) -> None:
+        """Warn once if a flushed step's flow NLL is below the fixed-posterior bound (method §4.4)."""
+        if self._bound is None or self._warned_bound:
+            return
+        low = [r for r in rows if "nll" in r and r["nll"] < self._bound]
+        if low:
+            log.warning("flow NLL %.4f nats/dim at step %d is below the bound %.4f for posterior_std=%g: causal "
+                        "leakage or a log-det bug (method §4.4)", low[0]["nll"], low[0]["step"], self._bound,
+                        self.cfg.model.vae.posterior_std)
+            self._warned_bound = True
 
     @torch.no_grad()
     def sample_grid(self, path: str) -> str:
@@ -338,8 +439,7 @@ class Trainer:
         exits with ``REQUEUE_EXIT_CODE`` (:class:`~simflow.train.signals.RequeueExit`). Writes sample grids, the
         loss curve and exported weights."""
         cfg = self.cfg
-        vote_device = self.device if getattr(self.topo, "backend", None) == "nccl" else torch.device("cpu")
-        boundary = StepBoundary(cfg.checkpoint.every_minutes, cfg.checkpoint.signals, vote_device)
+        boundary = StepBoundary(cfg.checkpoint.every_minutes, cfg.checkpoint.signals)  # votes over a gloo group
         with self._run_guard(boundary) as watchdog:
             watchdog.beat("resume")
             self.maybe_resume()
@@ -349,17 +449,19 @@ class Trainer:
             bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=not self.topo.is_main,
                        dynamic_ncols=True)
             m: Dict[str, float] = {}
+            self._t_flush, self._window_images = time.perf_counter(), 0
             while self.step < cfg.train.steps:
                 watchdog.beat("train step")
-                m = self.train_step(data_iter)
-                self.history.append({"step": self.step, **m})
-                if self._bound is not None and m["nll"] < self._bound and not self._warned_bound:
-                    log.warning("flow NLL %.4f nats/dim is below the bound %.4f for posterior_std=%g: causal leakage "
-                                "or a log-det bug (method §4.4)", m["nll"], self._bound, cfg.model.vae.posterior_std)
-                    self._warned_bound = True
+                self.train_step(data_iter)  # queues device work; reads nothing back
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                    self.metrics.log(self.step, m)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", bpd=f"{m['bits_per_dim']:.3f}", rec=f"{m['rec']:.3f}")
+                    watchdog.beat("log step")
+                    rows = self._sync_point()  # the one sync per log window (may raise NonFiniteExit)
+                    m = rows[-1] if rows else m
+                    self._warn_below_bound(rows)
+                    if rows:
+                        self.metrics.log(self.step, {k: v for k, v in m.items() if k != "step"})
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", bpd=f"{m['bits_per_dim']:.3f}",
+                                        rec=f"{m['rec']:.3f}")
                 bar.update(1)
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                     watchdog.beat("sample grid")
@@ -372,6 +474,7 @@ class Trainer:
                 stop, time_due = boundary.vote()  # one all-reduce(MAX): any rank's signal or timer counts
                 if stop or time_due or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
                     watchdog.beat("checkpoint save")
+                    self._sync_point()  # never save while max_skipped_steps consecutive skips are pending
                     self.save(block=stop)  # a requeue exit waits for its checkpoint to be committed
                     boundary.saved()
                 if stop:
@@ -384,6 +487,7 @@ class Trainer:
                     raise RequeueExit(self.step)
             bar.close()
             out = {"step": self.step, "metrics": m}
+            self._sync_point()
             if self._saved_step != self.step:
                 watchdog.beat("final checkpoint save")
                 self.save()
@@ -395,6 +499,27 @@ class Trainer:
                 out.update(samples=samples, weights=weights,
                            loss_curve=plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png")))
         return out
+
+
+def check_data_labels(loader: Any, cfg: SimFlowConfig) -> None:
+    """One-time label check at the data boundary (the flow's forward no longer reads labels back): the data set's
+    classes must fit ``model.flow.num_classes`` (index ``num_classes`` is the CFG null class). The shard reader
+    already drops a sample whose class lies outside its index's class list; an NPZ's label array is checked here.
+
+    Raises:
+        ValueError: naming ``data.path``, the class count or the offending label, and ``model.flow.num_classes``.
+    """
+    source = getattr(loader, "source", loader)
+    n = cfg.model.flow.num_classes
+    names = getattr(source, "class_names", None)
+    if names is not None and len(names) > n:
+        raise ValueError(f"data.path={cfg.data.path!r} has {len(names)} classes but model.flow.num_classes={n}")
+    labels = getattr(source, "labels", None)
+    if isinstance(labels, np.ndarray) and labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"data.path={cfg.data.path!r}: labels span [{lo}, {hi}], outside [0, {n}) "
+                             f"(model.flow.num_classes={n})")
 
 
 def check_compatible(manifest: Dict[str, Any], run_id: str, cfg: SimFlowConfig, where: str) -> None:
