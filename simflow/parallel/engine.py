@@ -287,6 +287,12 @@ class LocalEngine(Engine):
     def load_state_dict(self, sd: Dict) -> None:
         self.module.load_state_dict(sd["module"])
         self.optimizer.load_state_dict(sd["optimizer"])
+        for g in self.optimizer.param_groups:  # a state from another engine (foreach AdamW) must stay fused here,
+            g["fused"], g["foreach"] = True, None  # or the skip flag (found_inf) would be refused
+            for p in g["params"]:
+                st = self.optimizer.state.get(p, {})
+                if "step" in st:  # the fused kernel wants its step counts on the parameter's device, fp32
+                    st["step"] = st["step"].to(p.device, torch.float32)
         for k, v in sd["ema"].items():
             if k not in self.ema:
                 raise KeyError(f"checkpoint has an EMA entry {k!r} that this model does not track")
