@@ -5,12 +5,11 @@
   per layer drops from O(B T (hidden + attention)) to O(B T D) at the cost of one extra layer forward. The layer's
   ``forward`` is wrapped in place, so parameter names and state-dict keys do not change (no wrapper module), and
   the KV-cached decode path (``cache`` given) and ``no_grad`` evaluation run unwrapped.
-* :func:`apply_compile`: ``torch.compile`` of the flow's training forward (``flow(z, y)``; the autoregressive
-  ``inverse`` stays eager, its shapes change every token) and of the VAE encoder and decoder, via
-  ``nn.Module.compile`` (in place: keys unchanged, no ``_orig_mod.`` prefix).
+* :func:`apply_compile`: ``torch.compile`` of each flow transformer layer's training forward (the KV-cached
+  decode path stays eager, its shapes change every token) and of the VAE encoder and decoder
+  (``nn.Module.compile``); all in place: keys unchanged, no ``_orig_mod.`` prefix.
 
-:func:`parallelize` applies both according to ``train.compile`` / ``train.activation_checkpointing``
-(activation checkpointing first, so the compiled graph contains the checkpointed regions).
+:func:`parallelize` applies both according to ``train.compile`` / ``train.activation_checkpointing``.
 """
 
 from __future__ import annotations
@@ -51,28 +50,49 @@ def _checkpointed(forward):
 
 
 def apply_compile(model: nn.Module) -> int:
-    """``torch.compile`` (in place) of the flow's training forward and the VAE encoder/decoder found in ``model``
-    (a :class:`~simflow.models.simflow.SimFlowModel`, or a bare flow / VAE). Returns how many modules were compiled."""
-    from simflow.models.flow import TransformerFlow
+    """``torch.compile`` (in place) of every flow ``TransformerLayer``'s training forward and of the VAE encoder and
+    decoder found in ``model`` (a :class:`~simflow.models.simflow.SimFlowModel`, or a bare flow / VAE).
+
+    Per layer, as torchtitan compiles per transformer block: layers of one shape share one compiled graph (the
+    parameters are graph inputs), so compile time does not grow with depth (XL: 56 layers). The KV-cached decode
+    path (``cache`` given) stays eager: its sequence length changes every token. Returns the number of modules
+    compiled (layers + 2 per VAE).
+    """
+    from simflow.models.flow import TransformerLayer
     from simflow.models.vae import VAE
 
-    targets = []
+    n = 0
     for m in model.modules():
-        if isinstance(m, TransformerFlow):
-            targets.append(m)
+        if isinstance(m, TransformerLayer) and not getattr(m, "_compiled", False):
+            m.forward = _compiled(m.forward)
+            m._compiled = True
+            n += 1
         elif isinstance(m, VAE):
-            targets += [m.encoder, m.decoder]
-    for m in targets:
-        m.compile()
-    return len(targets)
+            for part in (m.encoder, m.decoder):
+                part.compile()
+                n += 1
+    return n
+
+
+def _compiled(forward):
+    train_forward = torch.compile(lambda x, c: forward(x, c, None))
+
+    @functools.wraps(forward)
+    def run(x: torch.Tensor, c: torch.Tensor, cache=None) -> torch.Tensor:
+        if cache is not None:
+            return forward(x, c, cache)
+        return train_forward(x, c)
+
+    return run
 
 
 def parallelize(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """Apply ``train.activation_checkpointing`` then ``train.compile`` to ``model`` in place; returns ``model``."""
-    if train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    """Apply ``train.compile`` then ``train.activation_checkpointing`` to ``model`` in place (the checkpoint wraps the
+    compiled layer, so the recomputation in backward runs compiled code too); returns ``model``."""
     if train.compile:
         apply_compile(model)
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(model)
     return model
 
 
