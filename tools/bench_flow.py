@@ -4,6 +4,8 @@
     python tools/bench_flow.py                                   # flow at T1/T2 + joint step (tiny), eager+compiled
     python tools/bench_flow.py --reference /tmp/ref/transformer_flow.py --joint tiny b
     python tools/bench_flow.py --shapes T1 --rounds 3 --no-compile --joint
+    python tools/bench_flow.py --gpu-xl                          # one GPU: XL MFU table (tools/gpu_check_engine.sh)
+    python tools/bench_flow.py --gpu-xl --dry-run-cpu --micro-batches 4 2 --xl-sample-batch 4 --xl-steps 1
 
 Prints one table. Rows:
 
@@ -219,12 +221,152 @@ def joint_case(config: str, compiled: bool, steps: int, threads: int) -> dict:
             "ceiling": gemm_ceiling_gflops()}
 
 
-def _ensure_demo() -> str:
-    path = os.path.join(ROOT, "data/demo/demo.npz")
-    if not os.path.isfile(path):
-        from simflow.data.demo import build_demo
+PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
 
-        build_demo(os.path.dirname(path))
+
+def _set_variant(model, compiled: bool, checkpointed: bool) -> None:
+    """Put ``model``'s flow layers and VAE into one of the four (compile, activation checkpointing) variants, in
+    place, undoing the previous one (benchmark only: the trainer applies :func:`parallelize` once)."""
+    from simflow.models.flow import TransformerLayer
+    from simflow.models.vae import VAE
+    from simflow.parallel.parallelize import apply_activation_checkpointing, apply_compile
+
+    for m in model.modules():
+        if isinstance(m, TransformerLayer):
+            m.__dict__.pop("forward", None)  # back to the class's eager forward
+            m._compiled = m._activation_checkpointing = False
+        elif isinstance(m, VAE):
+            for part in (m.encoder, m.decoder):
+                part._compiled_call_impl = None
+    if compiled:
+        apply_compile(model)
+    if checkpointed:
+        apply_activation_checkpointing(model)
+
+
+def gpu_xl(args) -> dict:
+    """One CUDA process, local engine, bf16 autocast: the XL joint step (VAE + 1.36B flow + GAN, AdamW, EMA) for
+    eager / compiled x without / with activation checkpointing, each at the largest micro-batch of
+    ``--micro-batches`` that fits (tried from the largest, out-of-memory caught in process), then KV-cached guided
+    sampling at ``--xl-sample-batch``. MFU = model FLOPs per step (counted with FlopCounterMode on the eager
+    variant without recomputation, scaled by micro-batch) / step time / 989e12. ``--dry-run-cpu``: the same code
+    on CPU with the tiny config in fp32 (checks the script; numbers meaningless)."""
+    import gc
+
+    import torch
+
+    from simflow.config import load_config
+    from simflow.models.flow import Guidance
+    from simflow.train.trainer import Trainer
+
+    cuda = torch.cuda.is_available() and not args.dry_run_cpu
+    if not cuda and not args.dry_run_cpu:
+        raise SystemExit("--gpu-xl needs CUDA (or --dry-run-cpu)")
+    config = "tiny" if args.dry_run_cpu else args.gpu_config
+    mbs = sorted(args.micro_batches, reverse=True)
+    cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yaml"), [
+        "loss.perceptual.weight=0", "loss.repa.enabled=false", "logging.wandb=disabled", "train.sample_every=0",
+        "checkpoint.resume=false", "data.source=npz", f"data.path={_ensure_demo(small=True)}",
+        "loss.gan.start_step=0", f"train.micro_batch_size={mbs[0]}", "train.global_batch_size=0",
+        f"train.precision={'bf16' if cuda else 'fp32'}", "train.out_dir=/tmp/simflow-bench-xl"])
+    t0 = time.perf_counter()
+    tr = Trainer(cfg)
+    build_s = time.perf_counter() - t0
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows, flops_per_image = [], None
+    for compiled, ckpt in ((False, False), (False, True), (True, False), (True, True)):
+        _set_variant(tr.model, compiled, ckpt)
+        row = {"compiled": compiled, "activation_checkpointing": ckpt}
+        for mb in mbs:
+            it = _synthetic(cfg, mb)
+            try:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                tr.train_step(it)  # warm-up (compilation for a new shape)
+                sync()
+                warm = time.perf_counter() - t0
+                if flops_per_image is None:
+                    flops_per_image = count_flops(lambda: tr.train_step(it)) / mb
+                times = []
+                for _ in range(args.xl_steps):
+                    sync()
+                    t0 = time.perf_counter()
+                    tr.train_step(it)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+            except torch.OutOfMemoryError:
+                for p in tr.model.parameters():
+                    p.grad = None
+                if tr.disc is not None:
+                    for p in tr.disc.module.parameters():
+                        p.grad = None
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+                row.setdefault("oom", []).append(mb)
+                continue
+            step_s = statistics.median(times)
+            row.update(micro_batch=mb, step_s=step_s, warmup_s=warm, img_per_s=mb / step_s,
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                       mfu=flops_per_image * mb / step_s / PEAK_BF16_FLOPS)
+            break
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    _set_variant(tr.model, False, False)
+    model, sb = tr.model, args.xl_sample_batch
+    f = model.flow
+    gen = torch.Generator().manual_seed(0)
+    dev = tr.device
+    noise = torch.randn(sb, f.num_tokens, f.token_dim, generator=gen).to(dev)
+    y = torch.randint(0, f.num_classes, (sb,), generator=gen).to(dev)
+    g = Guidance(cfg.sample.cfg_scale or 1.5, cfg.sample.cfg_mode)
+    model.eval()
+    with torch.no_grad(), tr._autocast():
+        model.sample(y[:2], noise[:2], g)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        model.sample(y, noise, g)
+        sync()
+        sample_s = time.perf_counter() - t0
+    return {"config": config, "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
+            "build_s": build_s, "flops_per_image": flops_per_image, "rows": rows, "sample_batch": sb,
+            "cfg_mode": g.mode, "sample_img_per_s": sb / sample_s,
+            "fid50k_gpu_hours": 50000 / (sb / sample_s) / 3600}
+
+
+def print_gpu_table(r: dict) -> None:
+    print(f"\n{r['config']} on {r['device']}: joint step (VAE + flow + GAN, bf16 autocast, local engine, AdamW, EMA); "
+          f"model FLOPs {r['flops_per_image'] / 1e12:.2f} TFLOP/image; MFU vs 989 TFLOP/s")
+    hdr = f"{'variant':<26}{'micro':>6}{'step s':>9}{'img/s':>9}{'peak GiB':>10}{'MFU %':>7}{'warm-up s':>11}"
+    print(hdr)
+    print("-" * len(hdr))
+    for row in r["rows"]:
+        name = ("compiled" if row["compiled"] else "eager") + (" + act. ckpt" if row["activation_checkpointing"] else "")
+        if "step_s" not in row:
+            print(f"{name:<26}  nothing fits (out of memory at {row.get('oom')})")
+            continue
+        peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
+        print(f"{name:<26}{row['micro_batch']:>6}{row['step_s']:>9.3f}{row['img_per_s']:>9.1f}{peak:>10}"
+              f"{100 * row['mfu']:>7.1f}{row['warmup_s']:>11.1f}")
+    print(f"KV-cached guided sampling ({r['cfg_mode']}), batch {r['sample_batch']}: {r['sample_img_per_s']:.1f} img/s "
+          f"-> FID-50k sampling {r['fid50k_gpu_hours']:.2f} GPU-hours")
+
+
+def _ensure_demo(small: bool = False) -> str:
+    """The demo NPZ the Trainer's loader needs (timed steps of 256-px configs use synthetic batches); ``small``
+    builds a 256-image one under /tmp when the repository's is absent (fresh GPU machine)."""
+    path = os.path.join(ROOT, "data/demo/demo.npz")
+    if os.path.isfile(path):
+        return path
+    from simflow.data.demo import build_demo
+
+    if small:
+        path = "/tmp/simflow-bench-demo/demo.npz"
+        if not os.path.isfile(path):
+            build_demo(os.path.dirname(path), limit=256)
+        return path
+    build_demo(os.path.dirname(path))
     return path
 
 
@@ -252,8 +394,22 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=0, help="flow train batch (0 = 64 at T1, 16 at T2)")
     p.add_argument("--sample-batch", type=int, default=0, help="sampling batch (0 = 16 at T1, 8 at T2)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    p.add_argument("--gpu-xl", action="store_true", help="CUDA: XL step x (eager, compiled) x (AC off, on) + sampling")
+    p.add_argument("--gpu-config", default="xl")
+    p.add_argument("--micro-batches", nargs="+", type=int, default=[64, 48, 32, 24, 16, 8])
+    p.add_argument("--xl-steps", type=int, default=3)
+    p.add_argument("--xl-sample-batch", type=int, default=256)
+    p.add_argument("--json", help="also write the --gpu-xl result here")
+    p.add_argument("--dry-run-cpu", action="store_true", help="--gpu-xl code path on CPU with the tiny config")
     p.add_argument("--joint-case", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.gpu_xl:
+        r = gpu_xl(a)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(r, f)
+        print_gpu_table(r)
+        return 0 if any("step_s" in row for row in r["rows"]) else 1
     if a.joint_case:
         print(json.dumps(joint_case(a.joint_case[0], a.joint_case[1] == "compiled", a.joint_steps, a.threads)))
         return 0
