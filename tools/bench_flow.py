@@ -172,10 +172,11 @@ def flow_case(name: str, args) -> list:
     for v, (step, sample) in variants.items():
         t0 = time.perf_counter()
         step()  # warm-up (and compilation)
-        sample()
+        if not args.no_sample:
+            sample()
         print(f"[{name}] {v}: warm-up {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         if "compiled" not in v:
-            flops[v] = (count_flops(step), count_flops(sample))
+            flops[v] = (count_flops(step), 0 if args.no_sample else count_flops(sample))
     flops["ours compiled"] = flops["ours eager"]
     ceiling = gemm_ceiling_gflops()
     train_t = {v: [] for v in variants}
@@ -184,9 +185,10 @@ def flow_case(name: str, args) -> list:
         for v, (step, sample) in variants.items():
             train_t[v].append(_timed(step, args.steps))
         for v, (step, sample) in variants.items():
-            sample_t[v].append(_timed(sample, 1))
+            if not args.no_sample:
+                sample_t[v].append(_timed(sample, 1))
     rows = []
-    for kind, times, batch, fi in (("flow", train_t, tb, 0), ("sample", sample_t, sb, 1)):
+    for kind, times, batch, fi in (("flow", train_t, tb, 0),) + (() if args.no_sample else (("sample", sample_t, sb, 1),)):
         ref = statistics.median(times["reference"]) if "reference" in times else None
         for v, ts in times.items():
             med = statistics.median(ts)
@@ -274,7 +276,7 @@ def gpu_xl(args) -> dict:
     build_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows, flops_per_image = [], None
-    for compiled, ckpt in ((False, False), (False, True), (True, False), (True, True)):
+    for compiled, ckpt in ((False, False), (False, True)) + (() if args.no_compile else ((True, False), (True, True))):
         _set_variant(tr.model, compiled, ckpt)
         row = {"compiled": compiled, "activation_checkpointing": ckpt}
         for mb in mbs:
@@ -394,6 +396,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=0, help="flow train batch (0 = 64 at T1, 16 at T2)")
     p.add_argument("--sample-batch", type=int, default=0, help="sampling batch (0 = 16 at T1, 8 at T2)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    p.add_argument("--no-sample", action="store_true", help="skip the sampling rows")
     p.add_argument("--gpu-xl", action="store_true", help="CUDA: XL step x (eager, compiled) x (AC off, on) + sampling")
     p.add_argument("--gpu-config", default="xl")
     p.add_argument("--micro-batches", nargs="+", type=int, default=[64, 48, 32, 24, 16, 8])
