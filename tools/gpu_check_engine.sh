@@ -24,8 +24,9 @@ LIMIT_S=${LIMIT_S:-285}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  # inductor's C++ compilation takes minutes on a small CPU: the dry run skips the compiled variants unless COMPILE=1
   timeout "$LIMIT_S" "$PY" tools/bench_flow.py --gpu-xl --dry-run-cpu --micro-batches ${MICRO_BATCHES:-4 2} \
-    --xl-steps 1 --xl-sample-batch "${SAMPLE_BATCH:-4}" --json "$OUT/xl.json" 2>"$OUT/xl.log"
+    $([[ "${COMPILE:-0}" == 1 ]] || echo --no-compile) --xl-steps 1 --xl-sample-batch "${SAMPLE_BATCH:-4}" --json "$OUT/xl.json" 2>"$OUT/xl.log"
   rc=$?; (( rc == 0 )) || tail -c 2000 "$OUT/xl.log"; exit $rc
 fi
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
