@@ -333,12 +333,12 @@ def gpu_xl(args) -> dict:
         sample_s = time.perf_counter() - t0
     return {"config": config, "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
             "build_s": build_s, "flops_per_image": flops_per_image, "rows": rows, "sample_batch": sb,
-            "cfg_mode": g.mode, "sample_img_per_s": sb / sample_s,
+            "cfg_mode": g.mode, "sample_img_per_s": sb / sample_s, "precision": "bf16 autocast" if cuda else "fp32",
             "fid50k_gpu_hours": 50000 / (sb / sample_s) / 3600}
 
 
 def print_gpu_table(r: dict) -> None:
-    print(f"\n{r['config']} on {r['device']}: joint step (VAE + flow + GAN, bf16 autocast, local engine, AdamW, EMA); "
+    print(f"\n{r['config']} on {r['device']}: joint step (VAE + flow + GAN, {r['precision']}, local engine, AdamW, EMA); "
           f"model FLOPs {r['flops_per_image'] / 1e12:.2f} TFLOP/image; MFU vs 989 TFLOP/s")
     hdr = f"{'variant':<26}{'micro':>6}{'step s':>9}{'img/s':>9}{'peak GiB':>10}{'MFU %':>7}{'warm-up s':>11}"
     print(hdr)
