@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from simflow.config import ConfigError, FlowConfig, load_config, validate
 from simflow.models.flow import Attention, TransformerFlow, convert_legacy_qkv
