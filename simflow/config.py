@@ -199,6 +199,11 @@ class TrainConfig:
     # exported weights file or checkpoint (``vae.*`` entries) before training, and/or train the flow only.
     init_vae_from: Optional[str] = None
     freeze_vae: bool = False
+    # Speed (simflow.parallel.parallelize, applied to the built model; keys and numerics unchanged): torch.compile of
+    # the flow's training forward and the VAE encoder/decoder; per-transformer-layer activation checkpointing
+    # (torch.utils.checkpoint, non-reentrant: recompute in backward, bit-equal gradients).
+    compile: bool = False
+    activation_checkpointing: bool = False
     out_dir: str = "runs/default"
     run_id: Optional[str] = None
     log_every: int = 10
@@ -365,6 +370,9 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("model.vae.posterior_std", "must be > 0")
     if f.noise_std < 0:
         bad("model.flow.noise_std", "must be >= 0")
+    if cfg.train.compile and cfg.parallel.engine != "local":
+        bad("train.compile", "is supported with parallel.engine=local only (dynamo does not trace DeepSpeed ZeRO-3's "
+                             "parameter-gather hooks; use DeepSpeed's own engine.compile() there)")
     if cfg.train.init_vae_from and cfg.parallel.engine != "local":
         bad("train.init_vae_from", "is supported with parallel.engine=local only (weights load before sharding)")
     down = 2 ** (len(v.ch_mult) - 1)

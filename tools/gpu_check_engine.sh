@@ -1,52 +1,51 @@
 #!/usr/bin/env bash
-# One-GPU check of the DeepSpeed engine (< 5 min on one H200):
-#   1. sanity (~1 min): on the tiny config, the local and the DeepSpeed engine (NCCL, bf16 autocast) train the same
-#      3 steps to bf16 accuracy, and the sharded EMA sample equals the exported weights' sample;
-#   2. the XL model's joint training step (VAE + 1.36B flow + PatchGAN, bf16 autocast, ZeRO-3 at DP=1) at the
-#      largest micro-batch that fits, with MFU.
+# One-GPU check (< 5 min on one H200). Prints one table:
+#   the XL joint training step (VAE + 1.36B flow + PatchGAN, bf16 autocast, AdamW, EMA; local engine: at DP=1
+#   ZeRO-3 only adds gathers) for eager / compiled (train.compile) x without / with activation checkpointing
+#   (train.activation_checkpointing), each at the largest micro-batch of MICRO_BATCHES that fits (out-of-memory is
+#   caught in process, largest first): step time, img/s, peak memory, MFU = model FLOPs per step (FlopCounterMode on
+#   the eager step, no recomputation counted) / step time / 989e12; then KV-cached guided sampling img/s at batch
+#   SAMPLE_BATCH and the projected FID-50k sampling GPU-hours. One process (tools/bench_flow.py --gpu-xl) builds
+#   the model once and switches variants in place, so only one layer graph and the VAE are compiled.
 #
-#   bash tools/gpu_check_engine.sh                 # tries micro-batches 24 16 8, stops at the first that fits
-#   MICRO_BATCHES="16 8" STEPS=3 OUT=/tmp/x bash tools/gpu_check_engine.sh
+#   bash tools/gpu_check_engine.sh                          # the table (about 3-4 min)
+#   SANITY=1 bash tools/gpu_check_engine.sh                 # first: local vs DeepSpeed engine on tiny (+~1 min)
+#   MICRO_BATCHES="32 16" SAMPLE_BATCH=128 OUT=/tmp/x bash tools/gpu_check_engine.sh
+#   DRY_RUN=1 bash tools/gpu_check_engine.sh                # no GPU: same code path on CPU, tiny config, fp32
 #
-# Each attempt is a fresh process (an out-of-memory error leaves a CUDA context unusable) with its own time limit;
-# attempts stop once BUDGET_S seconds are used. Prints the JSON line of tools/bench_engine.py --gpu-xl (step time,
-# img/s, peak memory, FLOPs per step counted on a real step, MFU = FLOPs / step time / 989e12) and a summary line.
-# Exit status 0 when the sanity check passed and one micro-batch ran, 1 otherwise.
+# Exit status 0 when at least one variant ran (and the sanity check passed, if asked), 1 otherwise. The JSON result
+# is left in $OUT/xl.json, the per-variant log in $OUT/xl.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+[[ -x "$PY" ]] || PY=python
 OUT=${OUT:-/tmp/simflow-gpu-check}
-STEPS=${STEPS:-4}
-BUDGET_S=${BUDGET_S:-280}
-ATTEMPT_S=${ATTEMPT_S:-150}
+LIMIT_S=${LIMIT_S:-285}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  # inductor's C++ compilation takes minutes on a small CPU: the dry run skips the compiled variants unless COMPILE=1
+  timeout "$LIMIT_S" "$PY" tools/bench_flow.py --gpu-xl --dry-run-cpu --micro-batches ${MICRO_BATCHES:-4 2} \
+    $([[ "${COMPILE:-0}" == 1 ]] || echo --no-compile) --xl-steps 1 --xl-sample-batch "${SAMPLE_BATCH:-4}" --json "$OUT/xl.json" 2>"$OUT/xl.log"
+  rc=$?; (( rc == 0 )) || tail -c 2000 "$OUT/xl.log"; exit $rc
+fi
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
 start=$(date +%s)
-echo "sanity: local vs DeepSpeed engine on tiny ..."
-if ! timeout 120 "$PY" tools/bench_engine.py --gpu-sanity --steps 3 >"$OUT/sanity.json" 2>"$OUT/sanity.log"; then
-  echo "sanity check FAILED: $(tail -c 600 "$OUT/sanity.json" "$OUT/sanity.log")"
-  exit 1
-fi
-cat "$OUT/sanity.json"
-for mb in ${MICRO_BATCHES:-24 16 8}; do
-  left=$(( BUDGET_S - ($(date +%s) - start) ))
-  if (( left < 60 )); then echo "budget used up before micro-batch $mb"; break; fi
-  limit=$(( left < ATTEMPT_S ? left : ATTEMPT_S ))
-  echo "micro-batch $mb (limit ${limit}s) ..."
-  timeout "$limit" "$PY" tools/bench_engine.py --gpu-xl "$mb" --steps "$STEPS" >"$OUT/xl_mb$mb.json" 2>"$OUT/xl_mb$mb.log"
-  rc=$?
-  if (( rc == 0 )); then
-    cat "$OUT/xl_mb$mb.json"
-    "$PY" - "$OUT/xl_mb$mb.json" <<'EOF'
-import json, sys
-r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-print(f"XL on {r['device']}: micro-batch {r['micro_batch']}, {r['step_s']:.3f} s/step, {r['img_per_s']:.1f} img/s, "
-      f"peak {r['peak_mem_gib']:.1f} GiB, {r['flops_per_step'] / 1e12:.1f} TFLOP/step, MFU {100 * r['mfu']:.1f}%")
-EOF
-    exit 0
+if [[ "${SANITY:-0}" == 1 ]]; then
+  echo "sanity: local vs DeepSpeed engine on tiny ..."
+  if ! timeout 120 "$PY" tools/bench_engine.py --gpu-sanity --steps 3 >"$OUT/sanity.json" 2>"$OUT/sanity.log"; then
+    echo "sanity check FAILED: $(tail -c 600 "$OUT/sanity.json" "$OUT/sanity.log")"
+    exit 1
   fi
-  why=$(grep -m1 -oE "OutOfMemoryError[^\n]{0,160}|Error[^\n]{0,160}" "$OUT/xl_mb$mb.log" | head -c 200)
-  echo "micro-batch $mb failed (rc=$rc): ${why:-see $OUT/xl_mb$mb.log}"
-done
-exit 1
+  cat "$OUT/sanity.json"
+fi
+left=$(( LIMIT_S - ($(date +%s) - start) ))
+timeout "$left" "$PY" tools/bench_flow.py --gpu-xl --micro-batches ${MICRO_BATCHES:-64 48 32 24 16 8} \
+  --xl-steps "${STEPS:-3}" --xl-sample-batch "${SAMPLE_BATCH:-256}" --json "$OUT/xl.json" 2>"$OUT/xl.log"
+rc=$?
+if (( rc != 0 )); then
+  echo "XL benchmark failed or ran out of time (rc=$rc); variants finished so far:"
+  grep '^{' "$OUT/xl.log" || true
+  tail -c 1500 "$OUT/xl.log"
+fi
+exit $rc

@@ -269,6 +269,9 @@ def load_generator(
 
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
     state, src = load_state(weights, use_ema)
+    from simflow.models.flow import convert_legacy_qkv
+
+    state = convert_legacy_qkv(state, cfg.model.flow.head_dim)  # weights saved before the fused QKV projection
     model = SimFlowModel(cfg)
     own = model.state_dict()
     # The REPA projector (a training-only head, method §6) plays no part in sampling or reconstruction.

@@ -80,28 +80,106 @@ class Guidance:
         return self.scale * (t + 1) / num_tokens if self.anneal else self.scale
 
 
-class Attention(nn.Module):
-    """Causal multi-head self-attention with an optional KV cache.
+def qkv_init(head_dim: int):
+    """Initialiser for a fused QKV weight ``(3D, D)`` in the head-interleaved layout of :class:`Attention`.
 
-    q, k, v come from "column" layers and the output projection from a "row" layer, so under tensor parallelism
-    each rank holds ``q.shape[-1] // head_dim`` heads; the module infers its local head count from the shapes.
+    Draws q, k and v as three Xavier-uniform ``(D, D)`` matrices in that order (the RNG stream and values of three
+    separate q/k/v layers) and interleaves them per head, so fused and unfused models built from one seed agree.
+    """
+
+    def init(w: torch.Tensor) -> None:
+        three_d, d = w.shape
+        parts = []
+        for _ in range(3):
+            m = torch.empty(d, d, dtype=w.dtype, device=w.device)
+            xavier_init(m)
+            parts.append(m)
+        w.copy_(fuse_qkv(*parts, head_dim))
+
+    return init
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Separate q/k/v weights ``(D, D_in)`` (or biases ``(D,)``) -> one fused tensor ``(3D, ...)``, head-interleaved:
+    rows ``[h*3*hd, (h+1)*3*hd)`` hold head ``h``'s q, k, v rows (``hd = head_dim``), so that any split of dim 0 into
+    equal contiguous parts (megatron-core column parallelism over TP ranks) gives every rank whole heads of q, k, v.
+
+    Raises:
+        ValueError: q, k, v shapes differ or ``head_dim`` does not divide ``D``.
+    """
+    if not (q.shape == k.shape == v.shape) or q.shape[0] % head_dim:
+        raise ValueError(f"fuse_qkv: q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} must be equal "
+                         f"with dim 0 divisible by head_dim={head_dim}")
+    heads = q.shape[0] // head_dim
+    rest = q.shape[1:]
+    return torch.stack([q, k, v]).reshape(3, heads, head_dim, *rest).transpose(0, 1).reshape(3 * q.shape[0], *rest)
+
+
+def convert_legacy_qkv(state: Dict[str, torch.Tensor], head_dim: int) -> Dict[str, torch.Tensor]:
+    """Rename weights saved before the fused QKV projection: every ``<prefix>attn.{q,k,v}.{weight,bias}`` triple
+    becomes ``<prefix>attn.qkv.{weight,bias}`` (:func:`fuse_qkv` layout). Other keys pass through; a state without
+    legacy keys is returned unchanged (same dict). Used by the weights loader (``simflow.eval.weights``) and by
+    :class:`Attention`'s ``load_state_dict`` pre-hook.
+
+    Raises:
+        KeyError: a legacy triple is incomplete (names the missing key).
+    """
+    legacy = [k for k in state if k.endswith(".attn.q.weight") or k == "attn.q.weight" or k == "q.weight"]
+    if not legacy:
+        return state
+    out = dict(state)
+    for qw in legacy:
+        prefix = qw[: -len("q.weight")]
+        for kind in ("weight", "bias"):
+            names = [f"{prefix}{n}.{kind}" for n in ("q", "k", "v")]
+            present = [n in out for n in names]
+            if not any(present):
+                continue
+            if not all(present):
+                raise KeyError(f"legacy attention weights: {names[present.index(False)]!r} is missing "
+                               f"(found {[n for n, ok in zip(names, present) if ok]})")
+            out[f"{prefix}qkv.{kind}"] = fuse_qkv(*(out.pop(n) for n in names), head_dim)
+    return out
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with one fused QKV projection and an optional KV cache.
+
+    ``qkv`` is one "column" layer ``D -> 3D`` (one GEMM) whose output features are head-interleaved
+    (:func:`fuse_qkv`): per head, its q, k and v features. Under tensor parallelism the column split of those
+    features gives each rank whole heads, ``qkv.shape[-1] // (3 * head_dim)`` of them (the module infers the local
+    head count from the output width); the output projection is a "row" layer. Weights saved with separate
+    ``q``/``k``/``v`` layers load through a ``load_state_dict`` pre-hook (:func:`convert_legacy_qkv`).
     Shapes: x (B, T, D) -> (B, T, D). Scale 1/sqrt(head_dim) (method §4.3 step 4).
+
+    Raises:
+        ValueError: the head count ``D / head_dim`` is not divisible by the factory's ``tp_size``.
     """
 
     def __init__(self, dim: int, head_dim: int, linear_factory):
         super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"model.flow.width={dim} must be a multiple of model.flow.head_dim={head_dim}")
+        tp = int(getattr(linear_factory, "tp_size", 1))
+        if (dim // head_dim) % tp:
+            raise ValueError(f"{dim // head_dim} attention heads (width {dim} / head_dim {head_dim}) cannot be split "
+                             f"over tensor-parallel size {tp}")
         self.head_dim = head_dim
-        init = xavier_init
-        self.q = linear_factory(dim, dim, parallel="column", init_fn=init)
-        self.k = linear_factory(dim, dim, parallel="column", init_fn=init)
-        self.v = linear_factory(dim, dim, parallel="column", init_fn=init)
-        self.out = linear_factory(dim, dim, parallel="row", init_fn=init)
+        self.qkv = linear_factory(dim, 3 * dim, parallel="column", init_fn=qkv_init(head_dim))
+        self.out = linear_factory(dim, dim, parallel="row", init_fn=xavier_init)
+        self._register_load_state_dict_pre_hook(self._load_legacy_qkv)
+
+    def _load_legacy_qkv(self, state_dict, prefix, *args) -> None:
+        if prefix + "q.weight" in state_dict and prefix + "qkv.weight" not in state_dict:
+            mine = {k[len(prefix):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+            state_dict.update({prefix + k: v for k, v in convert_legacy_qkv(mine, self.head_dim).items()})
 
     def forward(self, x: torch.Tensor, cache: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        heads = q.shape[-1] // self.head_dim
-        q, k, v = (y.reshape(b, t, heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
+        qkv = self.qkv(x)
+        heads = qkv.shape[-1] // (3 * self.head_dim)
+        # (B, T, H, 3, hd) -> three (B, H, T, hd) views, no copies
+        q, k, v = qkv.view(b, t, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         if cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -158,8 +236,8 @@ class TransformerLayer(nn.Module):
             if cache is not None:
                 cache["mod"] = mod
         sa, ca, ga, sm, cm, gm = mod
-        x = x + ga.unsqueeze(1) * self.attn(modulate(self.norm1(x), sa, ca), cache)
-        return x + gm.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sm, cm))
+        x = torch.addcmul(x, ga.unsqueeze(1), self.attn(modulate(self.norm1(x), sa, ca), cache))  # x + g * attn
+        return torch.addcmul(x, gm.unsqueeze(1), self.mlp(modulate(self.norm2(x), sm, cm)))
 
 
 class FlowBlock(nn.Module):

@@ -89,7 +89,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
     Shapes: ``x`` (B, T, D); ``shift``/``scale`` (B, D), broadcast over tokens.
     """
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # one fused kernel for x * (1+s) + b
 
 
 class FP32LayerNorm(nn.LayerNorm):

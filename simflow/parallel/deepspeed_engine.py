@@ -229,6 +229,7 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils import logger as ds_logger
 
         from simflow.models.layers import DenseLinearFactory
+        from simflow.parallel.parallelize import parallelize
 
         ds_logger.setLevel(logging.WARNING)
         if not dist.is_initialized():
@@ -256,6 +257,7 @@ class DeepSpeedEngine(Engine):
             mpu=self.mpu,  # DeepSpeed checks train_batch_size against the DP size, not the world size
         ), init_on_gathered_params():  # no dtype argument: DeepSpeed 0.19.8 would pick bf16 on CPU
             module = build_module(factory)
+        parallelize(module, cfg.train)  # train.activation_checkpointing (train.compile: local engine only)
         self.orphans = register_orphan_parameters(module)
         # deepspeed.initialize draws from the global RNGs; restore them so that whatever is built next (the
         # discriminator, noise) sees the same random stream as with the local engine.

@@ -12,6 +12,7 @@ from torch import nn
 
 from simflow.config import SimFlowConfig
 from simflow.parallel.engine import Engine, LocalEngine, optimizer_settings
+from simflow.parallel.parallelize import parallelize
 
 
 def build_engine(
@@ -43,7 +44,7 @@ def build_engine(
         raise ValueError(f"parallel.engine={cfg.parallel.engine!r}: must be 'local' or 'deepspeed'")
     if topology.world_size > 1:
         raise ValueError("parallel.engine=local runs in one process; use parallel.engine=deepspeed under torchrun/srun")
-    module = build_module().to(topology.device)
+    module = parallelize(build_module().to(topology.device), cfg.train)  # train.compile / activation_checkpointing
     s = optimizer_settings(cfg, role)
     return LocalEngine(
         module,
