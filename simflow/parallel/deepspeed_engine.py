@@ -58,7 +58,7 @@ import torch.distributed as dist
 from torch import nn
 
 from simflow.config import SimFlowConfig, global_batch_size
-from simflow.parallel.engine import Engine, lr_at
+from simflow.parallel.engine import Engine, ema_decay_at, lr_at
 from simflow.parallel.factory import optimizer_settings
 from simflow.parallel.mpu import MegatronMPU
 from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
@@ -358,9 +358,11 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        """``ema <- d * ema + (1 - d) * theta`` on this rank's partitions only (fp32; method §8, EMA 0.9999)."""
+        """``ema <- d_n * ema + (1 - d_n) * theta`` on this rank's partitions only (fp32; method §8, EMA 0.9999), d_n
+        with the warm-up of :func:`simflow.parallel.engine.ema_decay_at` (n = ``steps - 1``, after :meth:`step`)."""
+        d = ema_decay_at(max(self.steps - 1, 0), self.ema_decay)
         for name, e in self.ema.items():
-            e.lerp_(self._local_fp32(self._params[name]), 1.0 - self.ema_decay)
+            e.lerp_(self._local_fp32(self._params[name]), 1.0 - d)
 
     # ------------------------------------------------------------------------------------------------------
     # gather / scatter helpers (collectives over DP and TP)
