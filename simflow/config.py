@@ -73,7 +73,7 @@ class FlowConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     scale_param: str = "softplus"  # softplus (STARFlow) | exp (TarFlow)
-    soft_clip: float = 4.0  # a <- c*tanh(a/c) on raw head outputs; 0 disables (method §4.3 step 6)
+    soft_clip: float = 4.0  # a <- c*tanh(a/c), b likewise, on raw head outputs; 0 disables (method §4.3 step 6)
     latent_norm_reg: float = 0.0  # STARFlow 1e-4 * sum_k mean(z_k^2) (method §4.4), 0 = off
     # STARFlow-style extra Gaussian latent noise (method §5.5, §10.3 "Noise" rows): z <- z + noise_std * eps' after
     # the posterior sample, before the flow; the decoder reconstructs from the same noisy z (as STARFlow's
@@ -242,7 +242,9 @@ class CheckpointConfig:
 @dataclass
 class SampleConfig:
     """Sampling (method §4.5, §7). ``cfg_mode``: ``linear`` (TarFlow, all blocks), ``gaussian`` (STARFlow
-    Gaussian product, all blocks), ``deep_only`` (TarFlow linear guidance in the deep block only, MIMFlow/STARFlow)."""
+    Gaussian product, all blocks), ``deep_only`` (STARFlow ``cond_top_only``: linear guidance in the deep block,
+    shallow blocks unconditional), ``deep_only_cond`` (deep block guided, shallow blocks conditional); see
+    :class:`simflow.models.flow.Guidance`."""
 
     cfg_scale: float = 2.0
     cfg_mode: str = "deep_only"
@@ -313,7 +315,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.engine": ("local", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
-    "sample.cfg_mode": ("linear", "gaussian", "deep_only"),
+    "sample.cfg_mode": ("linear", "gaussian", "deep_only", "deep_only_cond"),
     "logging.wandb": ("offline", "online", "disabled"),
 }
 
