@@ -279,6 +279,11 @@ class EvalConfig:
     pr_k: int = 3
     fd_method: str = "sqrtm"  # sqrtm | eigh
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # End-of-run self-scoring on the demo data (simflow/eval/self_score.py, issue 15): demo-FID (NOT Inception FID)
+    # and class accuracy of this many EMA samples, without and with guidance; 0 = off. Feature network:
+    # ``extractor_weights`` (default weights/demo_fid/fashion_cnn.safetensors); reference: the test split below.
+    self_score_samples: int = 0
+    self_score_test: str = "data/demo/demo_test.npz"
 
 
 @dataclass
@@ -374,6 +379,8 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("train.label_drop", "must be in [0, 1)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         bad("train.ema_decay", "must be in [0, 1)")
+    if cfg.eval.self_score_samples < 0 or cfg.eval.self_score_samples == 1:
+        bad("eval.self_score_samples", "must be 0 (off) or >= 2")
     if cfg.train.micro_batch_size < 1:
         bad("train.micro_batch_size", "must be >= 1")
     if cfg.train.grad_accumulation < 1:
