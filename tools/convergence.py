@@ -155,7 +155,7 @@ def _best(rec: Dict[str, Any]):
     return float(w), guided[w]
 
 
-def write_plot(points: Sequence[Dict[str, Any]], path: str) -> None:
+def write_plot(points: Sequence[Dict[str, Any]], path: str, num_samples: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +178,7 @@ def write_plot(points: Sequence[Dict[str, Any]], path: str) -> None:
             for ax, key in ((axes[0], "demo_fid"), (axes[1], "class_accuracy")):
                 ax.plot([p["step"]], [_best(p)[1][key]], "s", color="C2")
                 ax.annotate(p["variant"][5:], (p["step"], _best(p)[1][key]), fontsize=7)
-    axes[0].set_ylabel("demo-FID (NOT Inception FID), 1,000 samples")
+    axes[0].set_ylabel(f"demo-FID (NOT Inception FID), {num_samples} samples")
     axes[1].set_ylabel("class accuracy of samples")
     axes[1].axhline(0.8, color="grey", lw=0.5)
     for ax in axes:
@@ -220,7 +220,7 @@ def write_report(points: Sequence[Dict[str, Any]], md: str, png: str, meta: Dict
     with open(md, "w") as f:
         f.write("\n".join(lines))
     if points:
-        write_plot(points, png)
+        write_plot(points, png, meta["num_samples"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
