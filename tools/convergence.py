@@ -279,8 +279,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log_path = os.path.join(args.out, "commands.json")
     os.makedirs(args.out, exist_ok=True)
     history = json.load(open(log_path)) if os.path.isfile(log_path) else []
-    history.append({"command": shlex.join(["python", "tools/convergence.py", *sys.argv[1:]]),
-                    "commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    command = shlex.join(["python", "tools/convergence.py", *sys.argv[1:]])
+    if not history or history[-1]["command"] != command:  # a repeated invocation (e.g. a scoring loop) is one entry
+        history.append({"command": command, "commit": git_commit(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     with open(log_path, "w") as f:
         json.dump(history, f, indent=2)
 
