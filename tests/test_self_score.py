@@ -66,7 +66,7 @@ def test_training_run_writes_eval_json(tmp_path):
     out = Trainer(cfg).fit()
     rec = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert rec == {**out["eval"], "line": rec["line"]}
-    assert rec["num_samples"] == 40 and rec["cfg_scale"] == 2.0 and rec["cfg_mode"] == "deep_only"
+    assert rec["num_samples"] == 40 and rec["cfg_scale"] == 2.0 and rec["cfg_mode"] == "deep_only_cond"
     assert rec["note"] == NOTE and "NOT Inception FID" in rec["note"]
     for key in ("demo_fid_no_cfg", "demo_fid_cfg"):
         assert rec[key] > 0.5  # 3 training steps: far from the data
