@@ -69,7 +69,8 @@ def plan(args) -> List[Dict[str, Any]]:
         d_dir = os.path.join(args.out, f"d_s{seed}")
         vae = os.path.join(d_dir, "vae_pretrain")
         init = [f"train.init_vae_from={os.path.join(vae, 'weights.safetensors')}"]
-        runs.append(dict(name=f"d_s{seed}", variant="d", seed=seed, budgets=budgets, train_dir=os.path.join(d_dir, "train"),
+        runs.append(dict(name=f"d_s{seed}", variant="d", seed=seed, budgets=budgets,
+                         train_dir=os.path.join(d_dir, "train"),
                          score_config=os.path.join(CONFIGS, "d_frozen_vae.yaml"), score_overrides=init,
                          stages=[(os.path.join(CONFIGS, "d_vae_pretrain.yaml"),
                                   [*common, f"train.seed={seed}", f"train.steps={args.pretrain}"], vae),

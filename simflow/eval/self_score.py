@@ -1,7 +1,7 @@
 """End-of-run self-scoring on the demo data: demo-FID and class accuracy of EMA samples, with and without guidance.
 
-The trainer calls :func:`score_run` at the end of ``Trainer.fit`` when ``eval.self_score_samples > 0`` (configs/tiny.yaml
-sets 1,000): it loads the exported weights (EMA flow + VAE), draws ``N`` class-conditional samples (labels and noise
+The trainer calls :func:`score_run` at the end of ``Trainer.fit`` when ``eval.self_score_samples > 0``
+(configs/tiny.yaml sets 1,000): it loads the exported weights (EMA flow + VAE), draws ``N`` class-conditional samples (labels and noise
 from (``sample.seed``, index), :mod:`simflow.sampling`) once without guidance and once with ``sample.cfg_scale`` /
 ``sample.cfg_mode``, and scores them with the shipped demo feature network (:mod:`simflow.eval.demo_features`,
 docs/demo_fid.md) against the test split:
