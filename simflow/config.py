@@ -74,7 +74,7 @@ class FlowConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     scale_param: str = "softplus"  # softplus (STARFlow) | exp (TarFlow)
-    soft_clip: float = 4.0  # a <- c*tanh(a/c) on raw head outputs; 0 disables (method §4.3 step 6)
+    soft_clip: float = 4.0  # a <- c*tanh(a/c), b likewise, on raw head outputs; 0 disables (method §4.3 step 6)
     latent_norm_reg: float = 0.0  # STARFlow 1e-4 * sum_k mean(z_k^2) (method §4.4), 0 = off
     # STARFlow-style extra Gaussian latent noise (method §5.5, §10.3 "Noise" rows): z <- z + noise_std * eps' after
     # the posterior sample, before the flow; the decoder reconstructs from the same noisy z (as STARFlow's
@@ -254,7 +254,9 @@ class CheckpointConfig:
 @dataclass
 class SampleConfig:
     """Sampling (method §4.5, §7). ``cfg_mode``: ``linear`` (TarFlow, all blocks), ``gaussian`` (STARFlow
-    Gaussian product, all blocks), ``deep_only`` (TarFlow linear guidance in the deep block only, MIMFlow/STARFlow)."""
+    Gaussian product, all blocks), ``deep_only`` (STARFlow ``cond_top_only``: linear guidance in the deep block,
+    shallow blocks unconditional), ``deep_only_cond`` (deep block guided, shallow blocks conditional); see
+    :class:`simflow.models.flow.Guidance`."""
 
     cfg_scale: float = 2.0
     cfg_mode: str = "deep_only"
@@ -289,6 +291,11 @@ class EvalConfig:
     pr_k: int = 3
     fd_method: str = "sqrtm"  # sqrtm | eigh
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # End-of-run self-scoring on the demo data (simflow/eval/self_score.py, issue 15): demo-FID (NOT Inception FID)
+    # and class accuracy of this many EMA samples, without and with guidance; 0 = off. Feature network:
+    # ``extractor_weights`` (default weights/demo_fid/fashion_cnn.safetensors); reference: the test split below.
+    self_score_samples: int = 0
+    self_score_test: str = "data/demo/demo_test.npz"
 
 
 @dataclass
@@ -325,7 +332,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.engine": ("local", "deepspeed"),
     "parallel.backend": ("auto", "nccl", "gloo"),
-    "sample.cfg_mode": ("linear", "gaussian", "deep_only"),
+    "sample.cfg_mode": ("linear", "gaussian", "deep_only", "deep_only_cond"),
     "logging.wandb": ("offline", "online", "disabled"),
 }
 
@@ -391,6 +398,8 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("train.max_skipped_steps", "must be >= 1 (consecutive non-finite steps before the run stops)")
     if cfg.train.log_every < 1:
         bad("train.log_every", "must be >= 1")
+    if cfg.eval.self_score_samples < 0 or cfg.eval.self_score_samples == 1:
+        bad("eval.self_score_samples", "must be 0 (off) or >= 2")
     if cfg.train.micro_batch_size < 1:
         bad("train.micro_batch_size", "must be >= 1")
     if cfg.train.grad_accumulation < 1:

@@ -23,7 +23,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 def small_overrides(demo_npz: str, out_dir: str, *extra: str) -> List[str]:
     """``key=value`` overrides for a fast, complete tiny run writing to ``out_dir``."""
     return [
-        "data.source=npz", f"data.path={demo_npz}", f"train.out_dir={out_dir}", "logging.wandb=disabled",
+        "data.source=npz", f"data.path={demo_npz}", f"train.out_dir={out_dir}", "logging.wandb=disabled", "eval.self_score_samples=0",
         "train.sample_every=0", "train.log_every=1", "train.sample_grid=2", "train.micro_batch_size=4",
         "model.flow.width=32", "model.flow.layers_per_block=[1,1,1,1]", "loss.gan.start_step=1",
         "loss.gan.norm=group", "train.label_drop=0.5", "optim.warmup_steps=2", "train.ema_decay=0.5",

@@ -31,7 +31,7 @@ REL = 1e-5
 
 def _overrides(demo_npz: str, out_dir: str, *extra: str):
     return [
-        "data.source=npz", f"data.path={demo_npz}", f"train.out_dir={out_dir}", "logging.wandb=disabled",
+        "data.source=npz", f"data.path={demo_npz}", f"train.out_dir={out_dir}", "logging.wandb=disabled", "eval.self_score_samples=0",
         "train.sample_every=0", "loss.gan.start_step=0", "loss.gan.norm=group", "optim.warmup_steps=2",
         "train.ema_decay=0.5", "model.flow.layers_per_block=[1,1,1,1]", *extra,
     ]

@@ -169,7 +169,7 @@ def test_reference_set_content(model, reference_set, weights):
     assert side["weights"]["sha256"] == _sha(weights) and side["weights"]["path"] == weights
     assert side["weights"]["step"] == 7
     assert (side["ema"], side["cfg_scale"], side["cfg_mode"], side["cfg_anneal"], side["temperature"]) == (
-        True, 1.0, "deep_only", False, 1.0)
+        True, 1.0, "deep_only_cond", False, 1.0)
     assert (side["num_samples"], side["resolution"], side["seed"], side["num_parts"]) == (N, 32, 0, N // RANGE)
     assert side["arr_0"] == {"shape": [N, 32, 32, 3], "dtype": "uint8"}
     assert "127.5 * x + 128" in side["quantisation"] and side["code_version"]

@@ -30,7 +30,7 @@ def demo_npz(tmp_path_factory):
 
 
 def tiny_cfg(tmp_path, demo_npz, *overrides):
-    return load_config(TINY, ["data.source=npz", f"data.path={demo_npz}", f"train.out_dir={tmp_path}/run", "logging.wandb=disabled",
+    return load_config(TINY, ["data.source=npz", f"data.path={demo_npz}", f"train.out_dir={tmp_path}/run", "logging.wandb=disabled", "eval.self_score_samples=0",
                               "train.sample_every=0", "train.log_every=1", *overrides])
 
 

@@ -254,7 +254,7 @@ def main(argv=None) -> int:
             "num_heldout": args.num_heldout,
             "num_reference": num_reference,
             "cfg_scales": cfg_scales,
-            "cfg_mode": "deep_only",
+            "cfg_mode": "deep_only_cond",  # configs/ablate/base.yaml (the former "deep_only", issue 15)
             "jobs": args.jobs,
             "threads": args.threads,
             "wall_seconds": sum(i["seconds"] for i in invocations),

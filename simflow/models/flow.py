@@ -9,15 +9,16 @@ variant, method §4.3 step 2 / §12 #5), so the output at position ``t`` depends
     z_t = (x_t - b_t) / sigma_t,     log|det| = -sum_t,c log sigma_t,c               (method §4.3 step 6)
 
 with ``sigma = softplus(a + 0.5413)`` (STARFlow; ``sigma = 1`` at ``a = 0``) or ``sigma = exp(a)`` (TarFlow),
-where ``a`` is soft-clipped ``a <- c tanh(a / c)`` so the log-scale is bounded. The affine map and log-det are
+where both head outputs are soft-clipped, ``a <- c tanh(a / c)`` and ``b <- c tanh(b / c)`` (STARFlow
+``soft_clip``, method §4.3 step 6), so the log-scale and the shift are bounded. The affine map and log-det are
 computed in fp32 whatever the autocast dtype. Class conditioning is DiT adaLN-Zero (6-way modulation per layer,
 zero-initialised, method §4.3 step 3) with a null class ``num_classes`` for classifier-free guidance; the output
 head is zero-initialised, so a fresh flow is the identity map (method §4.3 step 5).
 
-Guidance at sampling time (method §7): ``linear`` (TarFlow: a <- a_c + w (a_c - a_u), b likewise, every block),
-``gaussian`` (STARFlow product of Gaussians p_c^{1+w} / p_u^w, every block) and ``deep_only`` (TarFlow linear
-guidance in the deep block only; the shallow blocks use the conditional prediction, MIMFlow/STARFlow
-``cond_top_only``). ``anneal=True`` uses w_t = w (t+1) / T.
+Guidance at sampling time (method §7, :class:`Guidance`): ``linear`` (TarFlow linear guidance on the log-scale and
+the shift, every block), ``gaussian`` (STARFlow product of Gaussians p_c^{1+w} / p_u^w, every block), ``deep_only``
+(STARFlow ``cond_top_only``: linear guidance in the deep block, the shallow blocks run with the null class and
+unguided) and ``deep_only_cond`` (linear guidance in the deep block, the shallow blocks with the conditional label).
 
 No ``torch.distributed`` here: every linear layer is created by the linear-layer factory
 (:mod:`simflow.models.layers`); tensor parallelism swaps the factory.
@@ -55,12 +56,26 @@ def unpatchify(x: torch.Tensor, p: int, channels: int, size: int) -> torch.Tenso
     return x.reshape(b, channels, size, size)
 
 
+GUIDANCE_MODES = ("linear", "gaussian", "deep_only", "deep_only_cond")
+
+
 @dataclass
 class Guidance:
     """Classifier-free guidance settings for :meth:`TransformerFlow.inverse` (method §7).
 
-    ``scale`` is w (0 = no guidance), ``mode`` one of ``linear`` | ``gaussian`` | ``deep_only``,
-    ``anneal`` ramps w_t = w (t+1)/T over the token index t.
+    ``scale`` is w (0 = no guidance: every block runs conditionally, the exact inverse of ``forward``). ``mode``:
+
+    * ``linear``: TarFlow linear guidance in every block, on the log-scale and the shift after the soft clip,
+      ``log sigma = ls_c + w (ls_c - ls_u)``, ``mu = mu_c + w (mu_c - mu_u)`` (TarFlow, arXiv 2412.06329, guides its
+      log-scale ``a`` directly because sigma = exp(a); guiding log sigma gives the same strength under the softplus
+      parametrisation).
+    * ``gaussian``: STARFlow's product of Gaussians p_c^{1+w} / p_u^w in every block (arXiv 2506.06276).
+    * ``deep_only``: STARFlow ``cond_top_only`` -- linear guidance in the deep (last) block only; the shallow blocks
+      run with the null class and unguided (method §7 item 3).
+    * ``deep_only_cond``: linear guidance in the deep block; the shallow blocks run with the conditional label (this
+      project's behaviour before issue 15; kept for comparison, see docs/convergence.md).
+
+    ``anneal`` ramps the weight over the token index t = 0 .. T-1 of a block (:meth:`weight`).
     """
 
     scale: float = 0.0
@@ -68,16 +83,32 @@ class Guidance:
     anneal: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in ("linear", "gaussian", "deep_only"):
-            raise ValueError(f"guidance mode must be 'linear', 'gaussian' or 'deep_only', got {self.mode!r}")
+        if self.mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance mode must be one of {', '.join(GUIDANCE_MODES)}, got {self.mode!r}")
 
-    def active_in(self, block_index: int, num_blocks: int) -> bool:
+    def block_role(self, block_index: int, num_blocks: int) -> str:
+        """How block ``block_index`` (0 = first on the data side) of ``num_blocks`` runs at sampling time:
+        ``"guided"`` (conditional and unconditional pass, combined), ``"cond"`` (the conditional label only) or
+        ``"uncond"`` (the null class only)."""
         if self.scale == 0.0:
-            return False
-        return self.mode != "deep_only" or block_index == num_blocks - 1
+            return "cond"
+        if self.mode in ("linear", "gaussian") or block_index == num_blocks - 1:
+            return "guided"
+        return "uncond" if self.mode == "deep_only" else "cond"
 
     def weight(self, t: int, num_tokens: int) -> float:
-        return self.scale * (t + 1) / num_tokens if self.anneal else self.scale
+        """Guidance weight w_t for token ``t`` (0-based, in the block's order) of ``num_tokens`` T.
+
+        Constant ``scale`` without ``anneal``. With ``anneal``: the linear modes use TarFlow's ramp
+        (arXiv 2412.06329 FID script, method §7 item 1, ``g = w (i+1)/(T-1)`` for the token after the i-th), which in
+        our indexing is ``w t / (T-1)``: 0 for the first token, ``w`` for the last; ``gaussian`` uses STARFlow's
+        ``w (t+1) / T`` (method §7 item 2). T = 1 gives ``w``.
+        """
+        if not self.anneal:
+            return self.scale
+        if self.mode == "gaussian":
+            return self.scale * (t + 1) / num_tokens
+        return self.scale * t / (num_tokens - 1) if num_tokens > 1 else self.scale
 
 
 def qkv_init(head_dim: int):
@@ -343,11 +374,13 @@ class TransformerFlow(nn.Module):
         return x.flip(1) if k % 2 else x
 
     def _affine_params(self, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Raw (a, b) -> (log_sigma, b) in fp32, with the soft clip on a (method §4.3 step 6)."""
+        """Raw (a, b) -> (log_sigma, b) in fp32, with the soft clip ``x <- c tanh(x / c)`` on both a and b
+        (STARFlow ``soft_clip``, method §4.3 step 6; ``model.flow.soft_clip`` = c, 0 disables)."""
         a, b = a.float(), b.float()
         c = self.cfg.soft_clip
         if c > 0:
             a = c * torch.tanh(a / c)
+            b = c * torch.tanh(b / c)
         if self.cfg.scale_param == "softplus":
             log_sigma = torch.log(F.softplus(a + SOFTPLUS_SHIFT))
         else:
@@ -429,16 +462,23 @@ class TransformerFlow(nn.Module):
     def _guided(
         self, a: torch.Tensor, b: torch.Tensor, guide: Optional[Guidance], w: float
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Combine [cond; uncond] raw params (2B, ...) into guided (log_sigma, b) for B samples (method §7)."""
+        """Combine raw head outputs into (log_sigma, mu) in fp32 (method §7).
+
+        Args:
+            a, b: raw head outputs, (B, ...) when ``guide`` is None, else (2B, ...) = [conditional; unconditional].
+            guide: the guidance of a ``"guided"`` block (:meth:`Guidance.block_role`), or None.
+            w: the guidance weight of this token (:meth:`Guidance.weight`).
+        Returns:
+            log_sigma, mu: (B, ...) each. Linear modes: ``ls_c + w (ls_c - ls_u)`` and ``mu_c + w (mu_c - mu_u)`` on
+            the soft-clipped, parametrised values; ``gaussian``: the STARFlow product-of-Gaussians formulas.
+        """
         if guide is None:
             return self._affine_params(a, b)
         n = a.shape[0] // 2
-        if guide.mode in ("linear", "deep_only"):
-            a = a[:n] + w * (a[:n] - a[n:])
-            b = b[:n] + w * (b[:n] - b[n:])
-            return self._affine_params(a, b)
         ls, mu = self._affine_params(a, b)
         ls_c, ls_u, mu_c, mu_u = ls[:n], ls[n:], mu[:n], mu[n:]
+        if guide.mode != "gaussian":
+            return ls_c + w * (ls_c - ls_u), mu_c + w * (mu_c - mu_u)
         s = torch.exp(2 * (ls_c - ls_u)).clamp(max=1.0)  # min(sigma_c / sigma_u, 1)^2
         denom = 1 + w - w * s
         mu_g = ((1 + w) * mu_c - w * s * mu_u) / denom
@@ -466,12 +506,14 @@ class TransformerFlow(nn.Module):
         bsz = x.shape[0]
         self.check_labels(y)  # sampling entry point: labels come from the caller
         c_cond = self.condition(y)
-        c_both = torch.cat([c_cond, self.condition(torch.full_like(y, self.num_classes))])
+        c_null = self.condition(torch.full_like(y, self.num_classes))
+        c_both = torch.cat([c_cond, c_null])
         n_blocks = len(self.blocks)
         for k in reversed(range(n_blocks)):
             block = self.blocks[k]
-            guide = guidance if (guidance is not None and guidance.active_in(k, n_blocks)) else None
-            c = c_both if guide is not None else c_cond
+            role = guidance.block_role(k, n_blocks) if guidance is not None else "cond"
+            guide = guidance if role == "guided" else None
+            c = {"guided": c_both, "cond": c_cond, "uncond": c_null}[role]
             zp = self._permute(x, k)
             xp = torch.zeros_like(zp)
             caches = [{"capacity": self.num_tokens} for _ in block.layers] if use_cache else None

@@ -60,7 +60,8 @@ import torch.distributed as dist
 from torch import nn
 
 from simflow.config import SimFlowConfig, global_batch_size
-from simflow.parallel.engine import NONFINITE_GRAD_NORM, NONFINITE_LOSS, BufferGuard, Engine, lr_at, optimizer_settings
+from simflow.parallel.engine import (NONFINITE_GRAD_NORM, NONFINITE_LOSS, BufferGuard, Engine, ema_decay_at, lr_at,
+                                     optimizer_settings)
 from simflow.parallel.mpu import MegatronMPU
 from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
 
@@ -395,9 +396,11 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        """``ema <- d * ema + (1 - d) * theta`` on this rank's partitions only (fp32; method §8, EMA 0.9999); after a
-        skipped step the weight is 0 and the EMA stays as it was (see :meth:`step`)."""
-        weight = self._applied * (1.0 - self.ema_decay)
+        """``ema <- d_n * ema + (1 - d_n) * theta`` on this rank's partitions only (fp32; method §8, EMA 0.9999), d_n
+        with the warm-up of :func:`simflow.parallel.engine.ema_decay_at` (n = ``steps - 1``, after :meth:`step`);
+        after a skipped step the weight is 0 and the EMA stays as it was (see :meth:`step`)."""
+        d = ema_decay_at(max(self.steps - 1, 0), self.ema_decay)
+        weight = self._applied * (1.0 - d)
         for name, e in self.ema.items():
             e.lerp_(self._local_fp32(self._params[name]), weight)
 

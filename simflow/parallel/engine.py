@@ -118,6 +118,30 @@ class BufferGuard:
             s.copy_(b)
 
 
+def ema_decay_at(num_updates: int, decay: float) -> float:
+    """EMA decay for the EMA update that follows optimizer update number ``num_updates`` (0-based, i.e. the
+    engine's step count minus one): ``min(decay, (1 + n) / (10 + n))``.
+
+    This is the documented warm-up of TensorFlow's ``tf.train.ExponentialMovingAverage(decay, num_updates)``
+    (the method spec gives only the final decay, method §8): the very first update keeps 10% of
+    the initial weights instead of 99.99%, so with ``decay = 0.9999`` (method §8) the EMA follows the trained flow
+    from the first thousand steps rather than staying mostly the step-0 identity flow for ~20k steps. The rule
+    reaches ``decay`` at ``n = (10 decay - 1) / (1 - decay)`` (n = 89,991 for 0.9999, n = 890 for 0.99). Because
+    ``n`` is derived from the checkpointed step count, a resumed run uses exactly the same decays.
+
+    Args:
+        num_updates: n >= 0, the number of optimizer updates before this one.
+        decay: the configured ``train.ema_decay`` d in [0, 1).
+    Returns:
+        the decay in [0, d] (float).
+    Raises:
+        ValueError: for n < 0.
+    """
+    if num_updates < 0:
+        raise ValueError(f"EMA update count must be >= 0, got {num_updates}")
+    return min(float(decay), (1.0 + num_updates) / (10.0 + num_updates))
+
+
 class Engine:
     """Interface (see module docstring). Subclasses set ``module``, ``grad_accumulation`` and ``optimizer``."""
 
@@ -254,13 +278,16 @@ class LocalEngine(Engine):
 
     @torch.no_grad()
     def ema_update(self) -> None:
-        """ema <- d * ema + (1 - d) * param (fp32), method §8 (EMA 0.9999 on the flow). After a skipped step the
-        weight ``1 - d`` is multiplied by 0 on the device, so the EMA stays as it was (``lerp`` with weight 0 returns
-        ``ema + 0 * (param - ema)``; the parameters are finite because the skipped step did not touch them)."""
+        """ema <- d_n * ema + (1 - d_n) * param (fp32), method §8 (EMA 0.9999 on the flow), d_n with the warm-up of
+        :func:`ema_decay_at` (called after :meth:`step`, so n = ``steps - 1``; ``steps`` counts attempted steps).
+        After a skipped step the weight ``1 - d_n`` is multiplied by 0 on the device, so the EMA stays as it was
+        (``lerp`` with weight 0 returns ``ema + 0 * (param - ema)``; the parameters are finite because the skipped
+        step did not touch them)."""
         if not self.ema:
             return
         params = dict(self.module.named_parameters())
-        weight = self._applied * (1.0 - self.ema_decay)  # 0-dim device tensor: no host read
+        d = ema_decay_at(max(self.steps - 1, 0), self.ema_decay)
+        weight = self._applied * (1.0 - d)  # 0-dim device tensor: no host read
         for name, e in self.ema.items():
             e.lerp_(params[name].detach().float(), weight)
 

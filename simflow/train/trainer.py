@@ -498,6 +498,12 @@ class Trainer:
             if self.topo.is_main:
                 out.update(samples=samples, weights=weights,
                            loss_curve=plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png")))
+            if self.topo.is_main and cfg.eval.self_score_samples > 0:  # rank 0 alone: no collective follows
+                watchdog.beat("self-score")
+                from simflow.eval.self_score import score_run
+
+                out["eval"] = score_run(weights, cfg, self.out_dir, step=self.step, device=self.device)
+                print(out["eval"]["line"], flush=True)
         return out
 
 
