@@ -53,15 +53,19 @@ def shard_memory_worker(rank: int, world: int, outdir: str, overrides: List[str]
     for _ in range(2):
         tr.train_step(it)
     gen = tr.gen
-    res: Dict[str, Any] = {"full_numel": {n: int(p.ds_numel) for n, p in gen._params.items()},
-                           "part_numel": {n: int(p.ds_tensor.ds_numel) for n, p in gen._params.items()}}
+    # every parameter the save writes: generator and discriminator (the largest may be either's)
+    params = {**{f"generator.{n}": p for n, p in gen._params.items()},
+              **{f"discriminator.{n}": p for n, p in tr.disc._params.items()}}
+    res: Dict[str, Any] = {"full_numel": {n: int(p.ds_numel) for n, p in params.items()},
+                           "part_numel": {n: int(p.ds_tensor.ds_numel) for n, p in params.items()}}
     bufs = [{k: b.clone() for k, b in tr.disc.inner.named_buffers()}]
     gathered: List[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, bufs[0])
     res["disc_buffers_per_rank"] = gathered
     before = {**gen.full_state_dict(ema=False), **{f"ema.{k}": v for k, v in gen.full_state_dict(ema=True).items()}}
     with LargestTensor() as mode:
-        gen.state_dict()  # the topology-free full state (all-gathers): what the detector must catch
+        gen.state_dict()  # the topology-free full states (all-gathers): what the detector must catch
+        tr.disc.state_dict()
     res["gathered_largest"] = (mode.numel, mode.op)
     with LargestTensor() as mode:
         tr.save(block=True)

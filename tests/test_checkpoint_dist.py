@@ -111,7 +111,11 @@ def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
     assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
     for step in got:
         for key in ("loss", "nll", "rec", "gan", "d_loss", "grad_norm"):
-            assert _close(got[step][key], ref[step][key]), (layout, step, key, got[step][key], ref[step][key])
+            # the global gradient norm (a sum of squares over every gradient) gathers the rounding of the TP=2
+            # vs TP=1 GEMM splits (the fused QKV's input gradient is one TP-partial GEMM per rank, summed across
+            # ranks): measured 1.6-1.8e-6 relative at step 5, so it gets 5e-6; every loss term keeps 1e-6
+            rel = 5 * REL if key == "grad_norm" else REL
+            assert _close(got[step][key], ref[step][key], rel), (layout, step, key, got[step][key], ref[step][key])
     assert ref[STEPS]["loss"] != ref[SAVE_AT + 1]["loss"]
     parts, _ = load_checkpoint(os.path.join(out, "checkpoints", f"step-{STEPS:07d}"), parts=["loader", "trainer"])
     assert parts["loader"]["consumed_samples"] == STEPS * GLOBAL and parts["trainer"]["step"] == STEPS
