@@ -12,7 +12,7 @@ Prints one table. Rows:
 * ``flow T1`` / ``flow T2`` (issue 14 shapes: T1 = 64 tokens x 48 channels, width 128; T2 = 256 tokens x 12
   channels, width 256; both 4 blocks x 2 layers, head_dim 64, MLP ratio 4, 10 classes): one training step of the
   flow alone = forward, NLL (method §4.4), backward, AdamW step (betas 0.9/0.95, weight decay 1e-4, the
-  reference's train.py settings, same for both models). ``ours`` eager and compiled (``train.compile``:
+  reference's train.py settings; ours fused as in ``LocalEngine``, the reference torch's default foreach). ``ours`` eager and compiled (``train.compile``:
   :func:`simflow.parallel.parallelize.apply_compile`); ``reference`` = the model class ``Model`` of apple/ml-tarflow's
   ``transformer_flow.py`` imported from ``--reference PATH`` (never vendored), at equal token shapes, eager.
 * ``sample T1/T2``: KV-cached sampling with linear CFG in every block (w = 1.5; ours ``Guidance(1.5, "linear")``,
@@ -72,10 +72,12 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def _optimizer(params):
+def _optimizer(params, fused: bool = False):
+    """AdamW (betas 0.9/0.95, weight decay 1e-4). ``fused=True`` for ours, as ``LocalEngine`` trains with it; the
+    reference keeps torch's default (foreach) AdamW, as its own training script does."""
     import torch
 
-    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, fused=fused)
 
 
 def ours(side: int, channels: int, width: int, batch: int, sample_batch: int, compiled: bool):
@@ -96,7 +98,7 @@ def ours(side: int, channels: int, width: int, batch: int, sample_batch: int, co
                 p.normal_(std=0.02)
     if compiled:
         apply_compile(flow)
-    opt = _optimizer(flow.parameters())
+    opt = _optimizer(flow.parameters(), fused=True)
     x = torch.randn(batch, channels, side, side)
     y = torch.randint(0, CLASSES, (batch,))
     noise = torch.randn(sample_batch, side * side, channels)
