@@ -166,6 +166,11 @@ def test_hidden_state_for_repa_is_unpermuted():
 
 
 def test_bad_labels_rejected():
+    """Labels are validated at the boundaries (check_labels; the sampling entry point), not inside forward, which
+    must not read labels back to the host (no sync in the training step)."""
     flow = make_flow()
     with pytest.raises(ValueError, match="labels must be in"):
-        flow(torch.randn(1, 3, 4, 4), torch.tensor([7]))
+        flow.check_labels(torch.tensor([7]))
+    with pytest.raises(ValueError, match="labels must be in"):
+        flow.inverse(torch.randn(1, flow.num_tokens, flow.token_dim), torch.tensor([-1]))
+    flow.check_labels(torch.tensor([0, flow.num_classes]))  # the null class is a valid label
