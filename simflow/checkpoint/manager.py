@@ -34,44 +34,11 @@ import torch
 import torch.distributed as dist
 
 from simflow.checkpoint import storage
-from simflow.checkpoint.store import (COMMON, LATEST, MANIFEST, MARKER, FORMAT, CheckpointError, Group, _SingleGroup,
-                                      find_latest_with_report, load_json, load_rank_state, prune, read_manifest,
-                                      rng_name, save_json, save_torch, step_dir, verify, write_tensors, read_tensors)
+from simflow.checkpoint.store import (COMMON, CheckpointError, Group, _SingleGroup, commit, find_latest_with_report,
+                                      prepare_step_dir, load_json, load_rank_state, read_manifest, rng_name,
+                                      save_json, save_torch, step_dir, write_tensors, read_tensors)
 
 log = logging.getLogger("simflow")
-
-
-def prepare_step_dir(root: str, step: int, g: Group) -> Optional[str]:
-    """Collective: the location of step ``step``, emptied of a stale partial write by rank 0; None (on every rank)
-    when that step is already committed and verifies (an idempotent re-save after a resume)."""
-    d = step_dir(root, step)
-    status = None
-    if g.rank == 0:
-        status = "write"
-        if storage.exists(storage.join(d, MARKER)) and verify(d, deep=False)[0]:
-            status = "exists"
-        elif storage.exists(d):
-            log.warning("removing incomplete checkpoint %s before rewriting step %d", d, step)
-            storage.rmtree(d)
-        storage.makedirs(d)
-    status = g.broadcast(status)
-    return None if status == "exists" else d
-
-
-def commit(root: str, d: str, step: int, records: List[Dict[str, Dict[str, Any]]], meta: Dict[str, Any],
-           keep: int) -> str:
-    """Rank 0, after every rank finished writing: ``manifest.json`` (all file records), then ``COMMITTED`` naming the
-    manifest's sha256, then ``latest``; then retention (:func:`~simflow.checkpoint.store.prune`). Returns ``d``."""
-    files: Dict[str, Dict[str, Any]] = {}
-    for rec in records:
-        files.update(rec)
-    manifest = {**meta, "format": FORMAT, "step": int(step), "time": time.time(), "files": files}
-    rec = save_json(manifest, storage.join(d, MANIFEST))
-    storage.write_bytes(storage.join(d, MARKER),
-                        f'{{"step": {int(step)}, "manifest_sha256": "{rec["sha256"]}"}}'.encode())
-    storage.write_bytes(storage.join(root, LATEST), f"{storage.basename(d)}\n".encode())
-    prune(root, keep)
-    return d
 
 
 def _first_nonfinite(tensors: Dict[str, torch.Tensor]) -> Optional[str]:

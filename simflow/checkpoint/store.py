@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import re
+import time
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -426,12 +427,43 @@ def engine_keys(part: str, state: Dict[str, Any]) -> Tuple[Dict[str, torch.Tenso
     return tensors, meta
 
 
+def prepare_step_dir(root: str, step: int, g: Group) -> Optional[str]:
+    """Collective: the location of step ``step``, emptied of a stale partial write by rank 0; None (on every rank)
+    when that step is already committed and verifies (an idempotent re-save after a resume)."""
+    d = step_dir(root, step)
+    status = None
+    if g.rank == 0:
+        status = "write"
+        if storage.exists(storage.join(d, MARKER)) and verify(d, deep=False)[0]:
+            status = "exists"
+        elif storage.exists(d):
+            log.warning("removing incomplete checkpoint %s before rewriting step %d", d, step)
+            storage.rmtree(d)
+        storage.makedirs(d)
+    status = g.broadcast(status)
+    return None if status == "exists" else d
+
+
+def commit(root: str, d: str, step: int, records: List[Dict[str, Dict[str, Any]]], meta: Dict[str, Any],
+           keep: int) -> str:
+    """Rank 0, after every rank finished writing: ``manifest.json`` (all file records), then ``COMMITTED`` naming the
+    manifest's sha256, then ``latest``; then retention (:func:`~simflow.checkpoint.store.prune`). Returns ``d``."""
+    files: Dict[str, Dict[str, Any]] = {}
+    for rec in records:
+        files.update(rec)
+    manifest = {**meta, "format": FORMAT, "step": int(step), "time": time.time(), "files": files}
+    rec = save_json(manifest, storage.join(d, MANIFEST))
+    storage.write_bytes(storage.join(d, MARKER),
+                        f'{{"step": {int(step)}, "manifest_sha256": "{rec["sha256"]}"}}'.encode())
+    storage.write_bytes(storage.join(root, LATEST), f"{storage.basename(d)}\n".encode())
+    prune(root, keep)
+    return d
+
+
 def save_checkpoint(root: str, step: int, parts: Dict[str, Any], meta: Dict[str, Any], keep: int = 2) -> str:
     """Single-process save of full tensors (tools, tests, the converter): engine parts (``generator``,
     ``discriminator``) in the :func:`engine_keys` layout, other parts JSON-serialisable. Returns the step location.
     Training saves through :class:`simflow.checkpoint.manager.Checkpointer`."""
-    from simflow.checkpoint.manager import commit, prepare_step_dir
-
     g = _SingleGroup()
     d = prepare_step_dir(root, step, g)
     tensors: Dict[str, torch.Tensor] = {}
