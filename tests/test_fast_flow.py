@@ -152,7 +152,10 @@ def test_flow_forward_has_no_graph_breaks():
 def test_compiled_flow_and_vae_equal_eager():
     """3 AdamW steps of the flow NLL, compiled (apply_compile: flow + VAE) vs eager: losses within 1e-5 relative,
     gradients within 1e-5 (relative to the largest); and the compiled VAE's encode/decode equal eager."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()  # earlier tests in this process may have compiled graphs of their own
     batches = [(torch.randn(4, 4, 4, 4), torch.tensor([0, 2, 4, 5])) for _ in range(3)]
     eager_loss, eager_grads = _flow_steps(_tiny_flow(), 3, batches)
     flow = _tiny_flow()
@@ -163,8 +166,6 @@ def test_compiled_flow_and_vae_equal_eager():
         scale = max(g.abs().max() for g in ge.values())
         assert scale > 1e-3
         assert max((ge[n] - gc[n]).abs().max() for n in ge) <= 1e-5 * scale
-    from torch._dynamo.utils import counters
-
     assert counters["stats"]["unique_graphs"] == 1  # the 3 layers share one compiled graph (no per-layer recompile)
 
     cfg = load_config(TINY, ["model.vae.base_channels=8", "model.vae.norm_groups=4"])
@@ -242,13 +243,15 @@ def test_activation_checkpointing_keeps_sampling_and_no_grad_eager():
 
 
 @pytest.mark.slow  # DeepSpeed engine start-up (and, the first time, its shm op build)
-def test_activation_checkpointing_under_deepspeed_zero3_is_bit_equal(tmp_path, demo_npz):
+def test_activation_checkpointing_under_deepspeed_zero3_is_bit_equal(tmp_path, demo_npz, monkeypatch):
     """One-process DeepSpeed ZeRO-3 engine: with train.activation_checkpointing the recomputation re-gathers the
     partitioned parameters; 2 steps give bit-equal metrics and bit-equal full weights."""
     from simflow.parallel.factory import build_engine
     from simflow.parallel.topology import destroy_topology, init_topology
     from simflow.train.trainer import Trainer
 
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)  # init_topology exports them: restored (absent) after the test
     res = {}
     for ac in (False, True):
         cfg = load_config(TINY, ["data.source=npz", f"data.path={demo_npz}", f"train.out_dir={tmp_path}/{ac}",
@@ -259,7 +262,7 @@ def test_activation_checkpointing_under_deepspeed_zero3_is_bit_equal(tmp_path, d
         try:
             tr = Trainer(cfg, topo, build_engine=build_engine)
             it = iter(tr.loader)
-            res[ac] = ([tr.train_step(it) for _ in range(2)], tr.gen.full_state_dict(ema=False))
+            res[ac] = ([tr.train_step_logged(it) for _ in range(2)], tr.gen.full_state_dict(ema=False))
         finally:
             destroy_topology(topo)
     (m0, w0), (m1, w1) = res[False], res[True]

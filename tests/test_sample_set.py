@@ -358,7 +358,8 @@ def test_checkpoint_weights_ema_and_config(tmp_path, weights):
 # separate processes (torchrun-style RANK/WORLD_SIZE, Slurm array variables, SIGKILL)
 # ------------------------------------------------------------------------------------------------------------------
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     env.update({k: str(v) for k, v in extra.items()})
     return env
