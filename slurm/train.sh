@@ -55,8 +55,8 @@ set -uo pipefail
 
 REQUEUE_EXIT_CODE=75   # simflow.train.signals.REQUEUE_EXIT_CODE: state saved after SIGTERM/SIGUSR1, run again
 # Never requeued (requeueing cannot help): 2 config / data.path / rendezvous clash (CONFIG_EXIT_CODE), 73 the run
-# directory is locked by another live job (LOCKED_EXIT_CODE), 3 too many consecutive non-finite steps (engineer A's
-# train.max_skipped_steps code; assumed 3 here), 70 watchdog (torchrun restarts those workers inside the job).
+# directory is locked by another live job (LOCKED_EXIT_CODE), 3 train.max_skipped_steps consecutive non-finite steps
+# (NONFINITE_EXIT_CODE), 70 watchdog (torchrun restarts those workers inside the job).
 LOCKED_EXIT_CODE=73
 NONFINITE_EXIT_CODE=3
 
