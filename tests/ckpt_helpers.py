@@ -9,6 +9,7 @@ index, so an exact resume needs the loader position).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -90,3 +91,27 @@ def read_logs(logdir: str) -> str:
             with open(os.path.join(logdir, name), errors="replace") as f:
                 out.append(f"==== {name}\n{f.read()[-4000:]}")
     return "\n".join(out)
+
+
+def descendants(pid: int):
+    """PIDs of every process below ``pid`` (from /proc/<pid>/task/<pid>/children, recursively)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a torchrun agent and every process below it (its workers run in sessions of their own)."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

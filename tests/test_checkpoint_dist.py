@@ -20,7 +20,8 @@ import time
 import pytest
 import torch
 
-from ckpt_helpers import ROOT, TINY, child_env, launch_ranks, read_logs, small_overrides, wait_all
+from ckpt_helpers import (ROOT, TINY, child_env, descendants, kill_tree, launch_ranks, read_logs, small_overrides,
+                          wait_all)
 from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_manifest, verify
 from simflow.config import load_config
 from simflow.parallel.topology import free_port
@@ -122,27 +123,6 @@ def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _descendants(pid: int):
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(x) for x in f.read().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a torchrun agent and every process below it (its workers run in sessions of their own)."""
-    for p in [pid, *_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _cmdline(pid: int) -> str:
@@ -195,7 +175,7 @@ def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
     killed = None
     try:
         _wait_marker(out, 3, agents)
-        workers = [p for p in _descendants(agents[1].pid) if "launcher" in _cmdline(p)
+        workers = [p for p in descendants(agents[1].pid) if "launcher" in _cmdline(p)
                    and "torch.distributed.run" not in _cmdline(p)]
         assert workers, "no worker process under agent b"
         killed = workers[0]
@@ -204,7 +184,7 @@ def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
     finally:
         for a in agents:
             if a.poll() is None:
-                _kill_tree(a.pid)
+                kill_tree(a.pid)
                 a.wait()
     text = "".join(open(os.path.join(out, f"agent_{n}.log"), errors="replace").read() for n in ("a", "b"))
     assert codes == [0, 0], f"agents exited {codes}\n{text[-6000:]}"
@@ -286,13 +266,13 @@ def test_torchrun_elastic_node_loss_resumes_at_smaller_world(demo_npz, tmp_path)
     agents = _start_agents(out, ov, ["--rdzv-conf=last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=2"])
     try:
         _wait_marker(out, 2, agents)
-        _kill_tree(agents[1].pid)  # agent b and its worker: the node is gone
+        kill_tree(agents[1].pid)  # agent b and its worker: the node is gone
         agents[1].wait()
         code = agents[0].wait(timeout=400)
     finally:
         for a in agents:
             if a.poll() is None:
-                _kill_tree(a.pid)
+                kill_tree(a.pid)
                 a.wait()
     text = open(os.path.join(out, "agent_a.log"), errors="replace").read()
     assert code == 0, text[-6000:]

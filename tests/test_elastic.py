@@ -10,7 +10,7 @@
   one worker exits): every rank exits 75, 10 times out of 10;
 * a nonexistent ``data.path`` under ``torchrun --nproc-per-node=2``: every worker exits 2 before any process group.
 
-Helpers (``_start_agents``' pattern, ``_kill_tree``) follow tests/test_checkpoint_dist.py; every agent runs with
+Helpers (``_start_agents``' pattern, ``ckpt_helpers.kill_tree``) follow tests/test_checkpoint_dist.py; every agent runs with
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh worker store per rendezvous round, pytorch/pytorch#135712).
 """
 
@@ -26,7 +26,8 @@ import time
 import pytest
 import torch
 
-from ckpt_helpers import ROOT, TINY, child_env, launch_ranks, read_logs, small_overrides, wait_all
+from ckpt_helpers import (ROOT, TINY, child_env, kill_tree, launch_ranks, read_logs, small_overrides,
+                          wait_all)
 from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_manifest
 from simflow.parallel.topology import free_port
 from simflow.train.signals import LOCKED_EXIT_CODE, REQUEUE_EXIT_CODE
@@ -55,26 +56,6 @@ def demo_npz(tmp_path_factory):
     return train
 
 
-def _descendants(pid: int):
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(x) for x in f.read().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    for p in [pid, *_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # A torchrun agent that imports torch first and joins only once its gate file exists: on a loaded 2-core machine
@@ -145,7 +126,7 @@ def _leave_and_rejoin(out: str, ov, steps: int):
     b2 = _agent(out, "b2", ov, port, "elastic-c", extra=[RDZV_CONF.format(0)], gate=gate)
     try:
         _wait(lambda: 2 in _committed(ckpt), [a, b], 400, "step 2")
-        _kill_tree(b.pid)
+        kill_tree(b.pid)
         b.wait()
         _wait(lambda: any(_world_of(ckpt, s) == 1 for s in _committed(ckpt)), [a], 400, "a step at world size 1")
         open(gate, "w").close()  # the node comes back
@@ -156,7 +137,7 @@ def _leave_and_rejoin(out: str, ov, steps: int):
     finally:
         for p in (a, b, b2):
             if p is not None and p.poll() is None:
-                _kill_tree(p.pid)
+                kill_tree(p.pid)
                 p.wait()
     text = "".join(open(os.path.join(out, f"agent_{n}.log"), errors="replace").read() for n in ("a", "b", "b2"))
     return ca, cb, text
@@ -252,7 +233,7 @@ def test_second_live_job_on_the_run_dir_is_refused_and_the_first_finishes(demo_n
     finally:
         for p in (job1, job2):
             if p is not None and p.poll() is None:
-                _kill_tree(p.pid)
+                kill_tree(p.pid)
                 p.wait()
     t1 = open(os.path.join(out, "agent_job1.log"), errors="replace").read()
     t2 = open(os.path.join(out, "agent_job2.log"), errors="replace").read()
