@@ -38,7 +38,7 @@ from simflow.eval.features import FeatureExtractor, check_images
 from simflow.eval.metrics import FD_METHODS, feature_statistics, frechet_distance
 from simflow.eval.reference import ImageSet
 from simflow.sampling import to_uint8
-from simflow.train.noise import STREAM_POSTERIOR, per_sample_normal
+from simflow.rng import Stream, per_sample_normal
 
 MAX_VALUE = 255.0
 
@@ -105,7 +105,7 @@ def reconstruct(
             if indices is None:
                 raise ValueError("reconstruct: latent_noise > 0 needs the image indices that seed the noise")
             eps = per_sample_normal(tuple(mu.shape[1:]), seed, torch.as_tensor(indices, dtype=torch.int64),
-                                    STREAM_POSTERIOR).to(device)
+                                    Stream.POSTERIOR).to(device)
             z = z + latent_noise * eps
         out = vae.decode(z.to(mu.dtype))
     return to_uint8(out.float().clamp(-1, 1).cpu()).numpy()

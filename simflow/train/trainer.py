@@ -49,7 +49,7 @@ from simflow.train.metrics import MetricsLogger, plot_loss_curve
 from simflow.train.signals import (REQUEUE_EXIT_CODE, NonFiniteExit, RequeueExit, StepBoundary, Watchdog,
                                    holding_after_requeue)
 from simflow.train.step_stats import MetricWindow, SkipTracker, poisoned_steps
-from simflow.train.noise import STREAM_LATENT_NOISE, STREAM_POSTERIOR, drop_labels, per_sample_normal
+from simflow.rng import Stream, drop_labels, per_sample_normal
 
 log = logging.getLogger("simflow")
 
@@ -268,18 +268,18 @@ class Trainer:
 
     def host_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
         """The host (CPU) half of a micro-step: per-sample posterior noise, CFG label dropout and latent noise from
-        the batch's global sample indices (:mod:`simflow.train.noise`), on CPU tensors that never were on the
+        the batch's global sample indices (:mod:`simflow.rng`), on CPU tensors that never were on the
         device (their reads are not device syncs). Returns ``image`` (B, 3, H, W), ``label`` (B,) int64 after
         dropout, ``eps`` and ``latent_noise`` (B, C_lat, h, w) float32 or None."""
         cfg = self.cfg
         idx = batch["index"]
         latent_noise = None
         if cfg.model.flow.noise_std > 0:  # STARFlow-style extra latent noise, its own per-sample stream
-            latent_noise = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_LATENT_NOISE)
+            latent_noise = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, Stream.LATENT_NOISE)
         return {
             "image": batch["image"],
             "label": drop_labels(batch["label"], self.model.null_class, cfg.train.label_drop, cfg.train.seed, idx),
-            "eps": per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_POSTERIOR),
+            "eps": per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, Stream.POSTERIOR),
             "latent_noise": latent_noise,
         }
 
