@@ -3,7 +3,7 @@
 Called by :func:`launcher.main.main` when the world size is above one or ``parallel.engine`` is not ``local``.
 Order of work, so that a bad layout fails fast and identically on every rank:
 
-1. read rank / world size / rendezvous from the environment (:func:`simflow.parallel.topology.detect_dist_env`:
+1. read rank / world size / rendezvous from the environment (:func:`simflow.runtime.detect_dist_env`:
    torchrun variables, else srun's ``SLURM_*``), without starting anything;
 2. check the layout against the config (world divisible by ``parallel.tp_size``; with ``train.global_batch_size``
    set, ``train.grad_accumulation`` is derived for this DP size and must come out whole; heads divisible by TP)
@@ -22,7 +22,8 @@ import sys
 from typing import Optional
 
 from simflow.config import ConfigError, SimFlowConfig
-from simflow.parallel.topology import DistEnv, check_parallel_config, destroy_topology, detect_dist_env, init_topology
+from simflow.parallel.topology import check_parallel_config, destroy_topology, init_topology
+from simflow.runtime import DistEnv, detect_dist_env
 
 
 def launch_distributed(cfg: SimFlowConfig, source: str = "<config>", env: Optional[DistEnv] = None) -> int:

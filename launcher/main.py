@@ -48,7 +48,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from simflow.data.loader import DataError
     from simflow.data.shards import check_data_path
-    from simflow.parallel.topology import check_parallel_config, detect_dist_env
+    from simflow.parallel.topology import check_parallel_config
+    from simflow.runtime import detect_dist_env
 
     try:
         env = detect_dist_env()  # torchrun variables, else srun's SLURM_*, else one process; starts nothing

@@ -37,8 +37,9 @@ from simflow.data.transforms import to_model_input
 from simflow.eval.features import FeatureExtractor, check_images
 from simflow.eval.metrics import FD_METHODS, feature_statistics, frechet_distance
 from simflow.eval.reference import ImageSet
-from simflow.sampling import to_uint8
 from simflow.rng import Stream, per_sample_normal
+from simflow.runtime import autocast_dtype, resolve_device
+from simflow.sampling import to_uint8
 
 MAX_VALUE = 255.0
 
@@ -229,12 +230,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns 0, or 2 with ``error: ...`` on stderr for bad input."""
     from simflow.config import ConfigError
     from simflow.data.loader import DataError
-    from simflow.eval.evaluator import resolve_device
     from simflow.eval.features import ImageFormatError, build_feature_extractor
     from simflow.eval.npz import NpzError
     from simflow.eval.reference import open_image_set
     from simflow.eval.weights import WeightsError, load_generator, resolve_config
-    from simflow.train.trainer import autocast_dtype
 
     args = build_parser().parse_intermixed_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]

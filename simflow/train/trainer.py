@@ -25,10 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
-import subprocess
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -38,18 +35,21 @@ from tqdm import tqdm
 
 from simflow.checkpoint.lock import claim_run_dir
 from simflow.checkpoint.manager import Checkpointer
+from simflow.checkpoint.rng import rng_state, set_rng_state
 from simflow.checkpoint.store import CheckpointError, Group
 from simflow.config import SimFlowConfig, from_dict, to_dict
 from simflow.losses.joint import discriminator_loss, generator_loss, nll_lower_bound
 from simflow.models.discriminator import NLayerDiscriminator
 from simflow.models.simflow import SimFlowModel
 from simflow.parallel.engine import Engine
+from simflow.parallel.topology import Topology
+from simflow.rng import Stream, drop_labels, per_sample_normal
+from simflow.runtime import autocast_dtype, code_version, resolve_device
 from simflow.sampling import sample_images, save_grid
 from simflow.train.metrics import MetricsLogger, plot_loss_curve
 from simflow.train.signals import (REQUEUE_EXIT_CODE, NonFiniteExit, RequeueExit, StepBoundary, Watchdog,
                                    holding_after_requeue)
 from simflow.train.step_stats import MetricWindow, SkipTracker, poisoned_steps
-from simflow.rng import Stream, drop_labels, per_sample_normal
 
 log = logging.getLogger("simflow")
 
@@ -58,82 +58,13 @@ log = logging.getLogger("simflow")
 POISON_ENV = "SIMFLOW_TEST_POISON_LOSS"
 
 
-@dataclass
-class Topology:
-    """Where this process sits. The single-process default; the launcher passes the distributed one
-    (``simflow.parallel.topology``) with the same fields."""
-
-    rank: int = 0
-    world_size: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-    tp_rank: int = 0
-    tp_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(cfg: SimFlowConfig) -> torch.device:
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return torch.device("cpu")
-
-
-def autocast_dtype(cfg: SimFlowConfig, device: torch.device) -> torch.dtype:
-    """bf16 autocast on CUDA, fp32 on CPU (``train.precision=auto``; method §8)."""
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
-def code_version() -> str:
-    """The git commit of the package source, or 'unknown'."""
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def rng_state() -> Dict[str, Any]:
-    """Per-rank RNG states (torch CPU/CUDA, numpy, python) as weights_only-loadable containers."""
-    state = {"torch": torch.get_rng_state(), "numpy": _np_state(), "python": _py_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _np_state() -> Dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-            "cached": cached}
-
-
-def _py_state() -> List[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class Trainer:
     """Builds everything from a config and runs the loop. See the module docstring for one step."""
 
     def __init__(self, cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None):
         self.cfg = cfg
-        self.topo = topology or Topology(device=resolve_device(cfg))
+        self.topo = topology or Topology.single(resolve_device(cfg.train.device, key="train.device"),
+                                                        cfg.parallel.engine)
         self.device = self.topo.device
         self.dtype = autocast_dtype(cfg, self.device)
         self.out_dir = cfg.train.out_dir
