@@ -68,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         sampling_settings,
         slot_from_env,
     )
-    from simflow.eval.weights import WeightsError, load_generator, resolve_config
+    from simflow.checkpoint.weights import WeightsError, resolve_config
+    from simflow.eval.weights import load_generator
     from simflow.runtime import autocast_dtype, resolve_device
 
     args = build_parser().parse_intermixed_args(argv)

@@ -135,7 +135,7 @@ def test_deepspeed_config_is_derived_from_the_simflow_config():
 def test_launcher_rejects_bad_layout_before_any_process_group(overrides, env, key, monkeypatch, capsys):
     """The launcher checks the layout against the environment and exits with status 2 naming the key; the
     rendezvous address points nowhere, so reaching init_process_group would hang instead of returning."""
-    from launcher.main import main
+    from simflow.launch import main
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.delenv(k, raising=False)

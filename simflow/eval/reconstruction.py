@@ -233,7 +233,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from simflow.eval.features import ImageFormatError, build_feature_extractor
     from simflow.eval.npz import NpzError
     from simflow.eval.reference import open_image_set
-    from simflow.eval.weights import WeightsError, load_generator, resolve_config
+    from simflow.checkpoint.weights import WeightsError, resolve_config
+    from simflow.eval.weights import load_generator
 
     args = build_parser().parse_intermixed_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]

@@ -12,7 +12,7 @@ docs/demo_fid.md) against the test split:
 * ``class_accuracy``: share of samples the network classifies as their conditioning label (it is 92.5% accurate on
   real test images), i.e. how well class conditioning works.
 
-Writes ``<run dir>/eval.json`` and returns one printable line. Standalone: ``python -m simflow.eval.self_score
+Writes ``<run dir>/eval.json`` and returns one printable line. Standalone: ``python -m simflow.self_score
 --config C --weights W`` (weights file or checkpoint step directory) scores any run; ``tools/convergence.py`` uses it.
 Runs on one process (rank 0 in a distributed run, after the other ranks finished their collectives).
 """
@@ -184,7 +184,7 @@ def score_run(weights: str, cfg, out_dir: Optional[str], step: Optional[int] = N
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m simflow.eval.self_score --config C --weights W [--out DIR] [key=value ...]``."""
+    """``python -m simflow.self_score --config C --weights W [--out DIR] [key=value ...]``."""
     from simflow.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -206,6 +206,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(rec["line"])
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,7 @@ through the loader's (consumed-samples) state, so the same loop runs in one proc
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -34,13 +35,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from simflow.checkpoint.lock import claim_run_dir
-from simflow.checkpoint.manager import Checkpointer
+from simflow.checkpoint.manager import Checkpointer, check_resumable
 from simflow.checkpoint.rng import rng_state, set_rng_state
-from simflow.checkpoint.store import CheckpointError, Group
-from simflow.config import SimFlowConfig, from_dict, to_dict
+from simflow.checkpoint.weights import load_vae_weights
+from simflow.checkpoint.store import Group
+from simflow.config import SimFlowConfig, to_dict
 from simflow.losses.joint import discriminator_loss, generator_loss, nll_lower_bound
 from simflow.models.discriminator import NLayerDiscriminator
-from simflow.models.simflow import SimFlowModel
+from simflow.models.simflow import SimFlowModel, build_generator
 from simflow.parallel.engine import Engine
 from simflow.parallel.topology import Topology
 from simflow.rng import Stream, drop_labels, per_sample_normal
@@ -85,7 +87,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and for any TP size
         if build_engine is None:
             from simflow.parallel.factory import build_engine  # local or DeepSpeed by parallel.engine
-        self.gen: Engine = build_engine(cfg, lambda factory=None: build_generator(cfg, factory), "generator",
+        vae_init = (functools.partial(load_vae_weights, path=cfg.train.init_vae_from) if cfg.train.init_vae_from
+                    else None)  # a frozen-VAE variant starts from a trained VAE (method §10.3)
+        self.gen: Engine = build_engine(cfg, lambda factory=None: build_generator(cfg, factory, vae_init), "generator",
                                         ["flow", "vae"] if cfg.train.ema_vae else ["flow"], self.topo)
         self.disc: Optional[Engine] = None
         if cfg.loss.gan.weight > 0:
@@ -145,7 +149,7 @@ class Trainer:
         self.resume_report: Dict[str, Any] = {"loaded": None, "skipped": []}
         if not self.cfg.checkpoint.resume:
             return False
-        got = self.checkpointer.load_latest(lambda manifest, d: check_compatible(manifest, self.run_id, self.cfg, d))
+        got = self.checkpointer.load_latest(lambda manifest, d: check_resumable(manifest, self.run_id, self.cfg, d))
         if got is None:
             self.resume_report["skipped"] = list(self.checkpointer.skipped)
             return False
@@ -429,12 +433,6 @@ class Trainer:
             if self.topo.is_main:
                 out.update(samples=samples, weights=weights,
                            loss_curve=plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png")))
-            if self.topo.is_main and cfg.eval.self_score_samples > 0:  # rank 0 alone: no collective follows
-                watchdog.beat("self-score")
-                from simflow.eval.self_score import score_run
-
-                out["eval"] = score_run(weights, cfg, self.out_dir, step=self.step, device=self.device)
-                print(out["eval"]["line"], flush=True)
         return out
 
 
@@ -457,79 +455,6 @@ def check_data_labels(loader: Any, cfg: SimFlowConfig) -> None:
         if lo < 0 or hi >= n:
             raise ValueError(f"data.path={cfg.data.path!r}: labels span [{lo}, {hi}], outside [0, {n}) "
                              f"(model.flow.num_classes={n})")
-
-
-def check_compatible(manifest: Dict[str, Any], run_id: str, cfg: SimFlowConfig, where: str) -> None:
-    """Refuse a checkpoint of another run, or one whose ``model`` config differs (architecture change).
-
-    Raises:
-        CheckpointError: naming the checkpoint, both run ids, or the differing ``model.*`` keys with both values.
-    """
-    if manifest.get("run_id") != run_id:
-        raise CheckpointError(f"{where} belongs to run {manifest.get('run_id')!r}, but this job is run {run_id!r} "
-                              f"(train.run_id); refusing to load another run's checkpoint")
-    stored = to_dict(from_dict(manifest["config"]))["model"]
-    now = to_dict(cfg)["model"]
-    diffs: List[str] = []
-
-    def walk(a: Any, b: Any, key: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{key}.{k}")
-        elif a != b:
-            diffs.append(f"{key}: checkpoint {a!r}, config {b!r}")
-
-    walk(stored, now, "model")
-    if diffs:
-        raise CheckpointError(f"{where}: the config changes the architecture ({'; '.join(diffs)}); a run cannot "
-                              f"resume into another model (start a new run directory instead)")
-
-
-def load_vae_weights(vae: torch.nn.Module, path: str) -> Dict[str, Any]:
-    """Load the ``vae.*`` entries of an exported weights file or a checkpoint into ``vae`` (strict).
-
-    Args:
-        vae: the :class:`~simflow.models.vae.VAE` to fill.
-        path: ``weights.safetensors`` (``Trainer.export``) or a checkpoint step/root directory.
-
-    Returns:
-        the source description (path, SHA-256, step) of :func:`simflow.eval.weights.load_state`.
-
-    Raises:
-        ValueError: missing file, no ``vae.*`` entries, or entries that do not fit the config's VAE (names the
-            file, the key ``train.init_vae_from`` and the mismatching tensors).
-    """
-    from simflow.eval.weights import WeightsError, load_state
-
-    try:
-        state, src = load_state(path, use_ema=True)
-    except WeightsError as e:
-        raise ValueError(f"train.init_vae_from={path!r}: {e}") from None
-    vae_state = {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
-    if not vae_state:
-        raise ValueError(f"train.init_vae_from={path!r}: no 'vae.*' entries in the weights")
-    own = vae.state_dict()
-    bad = sorted(set(own) ^ set(vae_state)) + [
-        f"{k}: {tuple(vae_state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own if k in vae_state and vae_state[k].shape != own[k].shape]
-    if bad:
-        raise ValueError(f"train.init_vae_from={path!r}: the VAE weights do not fit model.vae ({len(bad)} "
-                         f"problems, e.g. {bad[:3]})")
-    vae.load_state_dict({k: v.to(own[k].dtype) for k, v in vae_state.items()}, strict=True)
-    return src.describe()
-
-
-def build_generator(cfg: SimFlowConfig, linear_factory=None) -> SimFlowModel:
-    """``SimFlowModel(cfg)``, with the VAE loaded from ``train.init_vae_from`` and frozen (``requires_grad``
-    off, so no optimizer state and no updates) when ``train.freeze_vae`` (method §10.3 "Frozen VAE" variants)."""
-    model = SimFlowModel(cfg, linear_factory)
-    if cfg.train.init_vae_from:
-        if cfg.parallel.engine != "local":
-            raise ValueError("train.init_vae_from is supported with parallel.engine=local only")
-        load_vae_weights(model.vae, cfg.train.init_vae_from)
-    if cfg.train.freeze_vae:
-        model.vae.requires_grad_(False)
-    return model
 
 
 def run(cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None) -> Dict[str, Any]:
