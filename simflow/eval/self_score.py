@@ -32,6 +32,7 @@ import torch
 
 from simflow.eval.demo_features import DEFAULT_WEIGHTS, DemoFashionFeatures
 from simflow.eval.metrics import feature_statistics, frechet_distance
+from simflow.eval.weights import load_generator
 
 EVAL_JSON = "eval.json"
 NOTE = ("demo-FID = Frechet distance of the Fashion-MNIST CNN features (weights/demo_fid, docs/demo_fid.md) between "
@@ -133,8 +134,6 @@ def score_run(weights: str, cfg, out_dir: Optional[str], step: Optional[int] = N
         ``skipped`` (the reason) when the test split or the feature network is missing (nothing is raised then:
         the run itself succeeded).
     """
-    from simflow.eval.weights import load_generator
-
     n = int(cfg.eval.self_score_samples)
     test_npz = cfg.eval.self_score_test
     ext_weights = cfg.eval.extractor_weights or DEFAULT_WEIGHTS

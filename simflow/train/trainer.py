@@ -34,16 +34,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from simflow.checkpoint.export import write_streamed
 from simflow.checkpoint.lock import claim_run_dir
 from simflow.checkpoint.manager import Checkpointer, check_resumable
 from simflow.checkpoint.rng import rng_state, set_rng_state
-from simflow.checkpoint.weights import load_vae_weights
 from simflow.checkpoint.store import Group
+from simflow.checkpoint.weights import load_vae_weights
 from simflow.config import SimFlowConfig, to_dict
+from simflow.data import build_loader
 from simflow.losses.joint import discriminator_loss, generator_loss, nll_lower_bound
+from simflow.losses.perceptual import build_perceptual
+from simflow.losses.teacher import build_teacher
 from simflow.models.discriminator import NLayerDiscriminator
 from simflow.models.simflow import SimFlowModel, build_generator
 from simflow.parallel.engine import Engine
+from simflow.parallel.factory import build_engine as default_build_engine
 from simflow.parallel.topology import Topology
 from simflow.rng import Stream, drop_labels, per_sample_normal
 from simflow.runtime import autocast_dtype, code_version, resolve_device
@@ -66,27 +71,22 @@ class Trainer:
     def __init__(self, cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None):
         self.cfg = cfg
         self.topo = topology or Topology.single(resolve_device(cfg.train.device, key="train.device"),
-                                                        cfg.parallel.engine)
+                                                cfg.parallel.engine)
         self.device = self.topo.device
         self.dtype = autocast_dtype(cfg, self.device)
         self.out_dir = cfg.train.out_dir
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
         self.run_id = cfg.train.run_id or os.path.basename(os.path.normpath(self.out_dir))
         # Teachers first: a missing weights file must stop the run before anything expensive happens.
-        from simflow.losses.perceptual import build_perceptual
-
         self.perceptual = build_perceptual(cfg.loss.perceptual)
         if self.perceptual is not None:
             self.perceptual.to(self.device)
         self.teacher = None
         if cfg.loss.repa.enabled:
-            from simflow.losses.teacher import build_teacher
-
             self.teacher = build_teacher(cfg.loss.repa).to(self.device)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and for any TP size
-        if build_engine is None:
-            from simflow.parallel.factory import build_engine  # local or DeepSpeed by parallel.engine
+        build_engine = build_engine or default_build_engine  # local or DeepSpeed by parallel.engine
         vae_init = (functools.partial(load_vae_weights, path=cfg.train.init_vae_from) if cfg.train.init_vae_from
                     else None)  # a frozen-VAE variant starts from a trained VAE (method §10.3)
         self.gen: Engine = build_engine(cfg, lambda factory=None: build_generator(cfg, factory, vae_init), "generator",
@@ -96,8 +96,6 @@ class Trainer:
             g = cfg.loss.gan
             self.disc = build_engine(cfg, lambda factory=None: NLayerDiscriminator(3, g.ndf, g.n_layers, g.norm),
                                      "discriminator", [], self.topo)
-        from simflow.data import build_loader
-
         self.loader = build_loader(cfg, self.topo.dp_rank, self.topo.dp_size)
         check_data_labels(self.loader, cfg)  # once, on the host: the step never reads labels back
         self.step = 0
@@ -361,8 +359,6 @@ class Trainer:
         """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling: streamed one tensor at a
         time (collective for sharded engines, rank 0 writes; :func:`simflow.checkpoint.export.write_streamed`), a
         local path or ``s3://`` URL. Raises NonFiniteExportError (no file) if any value is NaN/Inf."""
-        from simflow.checkpoint.export import write_streamed
-
         return write_streamed(path, self.gen.full_tensor_specs(ema=True), self.gen.iter_full_state(ema=True),
                               {"run_id": self.run_id, "step": str(self.step)}, write=self.topo.is_main)
 
