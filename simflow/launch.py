@@ -48,8 +48,6 @@ import os
 import sys
 from typing import Any, Dict, Iterator, List, NoReturn, Optional
 
-import torch
-
 from simflow.checkpoint.lock import RunLockError, claim_run_dir, run_dir_of
 from simflow.checkpoint.store import CheckpointError
 from simflow.config import ConfigError, SimFlowConfig, load_config
@@ -57,7 +55,7 @@ from simflow.data.loader import DataError
 from simflow.data.shards import check_data_path
 from simflow.eval.self_score import score_run
 from simflow.parallel.factory import build_engine
-from simflow.parallel.topology import check_parallel_config, destroy_topology, init_topology
+from simflow.parallel.topology import Topology, check_parallel_config, destroy_topology, init_topology
 from simflow.runtime import DistEnv, detect_dist_env, resolve_device
 from simflow.train.signals import (CONFIG_EXIT_CODE, LOCKED_EXIT_CODE, REQUEUE_EXIT_CODE, RequeueExit,
                                    hold_handlers_after_requeue)
@@ -92,18 +90,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     with claimed_run_dir(cfg) as status:
         if status is not None:
             return status
-        out = run(cfg)
-    finish(cfg, out, resolve_device(cfg.train.device, key="train.device"))
+        out = train_and_score(cfg)
+    print_done(out)
     return 0
 
 
-def finish(cfg: SimFlowConfig, out: Dict[str, Any], device: torch.device) -> None:
-    """Rank 0 after training: self-score the exported weights (``eval.self_score_samples > 0``; one printed line and
-    ``<out_dir>/eval.json``, :func:`simflow.eval.self_score.score_run`), then print the run's outputs. Rank 0 alone:
-    no collective follows."""
-    if cfg.eval.self_score_samples > 0 and out.get("weights"):
+def train_and_score(cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None) -> Dict[str, Any]:
+    """:func:`simflow.train.trainer.run`, then on rank 0 the end-of-run self-score of the exported weights
+    (``eval.self_score_samples > 0``: one printed line, ``<train.out_dir>/eval.json`` and ``out["eval"]``;
+    :func:`simflow.eval.self_score.score_run`, on the trainer's device). Rank 0 alone: no collective follows.
+
+    Returns:
+        the trainer's result dict (``step``, ``metrics``, ``samples``, ``loss_curve``, ``weights``), plus ``eval``.
+    """
+    out = run(cfg, topology, build_engine)
+    if (topology is None or topology.is_main) and cfg.eval.self_score_samples > 0 and out.get("weights"):
+        device = topology.device if topology is not None else resolve_device(cfg.train.device, key="train.device")
         out["eval"] = score_run(out["weights"], cfg, cfg.train.out_dir, step=out["step"], device=device)
         print(out["eval"]["line"], flush=True)
+    return out
+
+
+def print_done(out: Dict[str, Any]) -> None:
     print(f"done: step {out['step']}; samples {out.get('samples')}; loss curve {out.get('loss_curve')}; "
           f"weights {out.get('weights')}", flush=True)
 
@@ -172,15 +180,15 @@ def launch_distributed(cfg: SimFlowConfig, source: str = "<config>", env: Option
                 return status
             if topo.is_main:
                 print(topo.table(cfg), flush=True)
-            out = run(cfg, topo, build_engine=build_engine)
+            out = train_and_score(cfg, topo, build_engine=build_engine)
         if topo.is_main:
-            finish(cfg, out, topo.device)
+            print_done(out)
         return 0
     finally:
         destroy_topology(topo)
 
 
-__all__ = ["main", "entry", "launch_distributed", "claimed_run_dir", "finish"]
+__all__ = ["main", "entry", "launch_distributed", "claimed_run_dir", "train_and_score"]
 
 
 if __name__ == "__main__":
