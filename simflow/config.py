@@ -546,13 +546,21 @@ def to_dict(cfg: SimFlowConfig) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: Dict[str, Any]) -> SimFlowConfig:
-    """Inverse of :func:`to_dict`, with schema checking (a checkpoint's stored config)."""
+def from_dict(d: Dict[str, Any], overrides: Sequence[str] = (), source: str = "stored config") -> SimFlowConfig:
+    """Inverse of :func:`to_dict`, with schema checking (a checkpoint's stored config), plus ``key=value``
+    ``overrides`` merged on top. Not validated (call :func:`validate` for the cross-key rules).
+
+    Raises:
+        ConfigError: an unknown key or a wrong type, naming ``source`` and the key.
+    """
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SimFlowConfig), OmegaConf.create(d)))
+        merged = OmegaConf.merge(OmegaConf.structured(SimFlowConfig), OmegaConf.create(d))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         msg = str(getattr(e, "msg", e)).splitlines()[0]
-        raise ConfigError(f"stored config: invalid key {getattr(e, 'full_key', None)!r}: {msg}") from None
+        raise ConfigError(f"{source}: invalid key {getattr(e, 'full_key', None)!r}: {msg}") from None
 
 
 def to_yaml(cfg: SimFlowConfig) -> str:

@@ -56,19 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(want: str, local_rank: int) -> torch.device:
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(want)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {want!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
-    return dev
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (0 done, 2 bad input / inconsistent folder)."""
     from simflow.config import ConfigError
@@ -81,8 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         sampling_settings,
         slot_from_env,
     )
-    from simflow.eval.weights import WeightsError, load_generator, resolve_config
-    from simflow.train.trainer import autocast_dtype
+    from simflow.checkpoint.weights import WeightsError, resolve_config
+    from simflow.eval.weights import load_generator
+    from simflow.runtime import autocast_dtype, resolve_device
 
     args = build_parser().parse_intermixed_args(argv)
     progress = not args.no_progress
@@ -110,7 +98,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError("no output folder: pass --out DIR (or set sample.out_dir)")
         slot = slot_from_env(rank=args.rank, world_size=args.world_size, array_index=args.array_index,
                              array_count=args.array_count)
-        device = _device(args.device or cfg.train.device, slot.local_rank)
+        device = resolve_device(args.device or cfg.train.device, slot.local_rank,
+                                "--device" if args.device else "train.device")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dtype = autocast_dtype(cfg, device)
         model, source = load_generator(args.weights, cfg, device)
         settings = sampling_settings(cfg, source.sha256, source.ema, dtype)

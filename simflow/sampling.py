@@ -12,7 +12,7 @@ import torch
 
 from simflow.config import SampleConfig
 from simflow.models.flow import Guidance
-from simflow.train.noise import STREAM_SAMPLE_LABEL, STREAM_SAMPLE_NOISE, per_sample_normal, per_sample_randint
+from simflow.rng import Stream, per_sample_normal, per_sample_randint
 
 
 def guidance_from(cfg: SampleConfig) -> Optional[Guidance]:
@@ -25,12 +25,12 @@ def guidance_from(cfg: SampleConfig) -> Optional[Guidance]:
 def sample_noise(model, seed: int, indices: torch.Tensor) -> torch.Tensor:
     """Flow-side noise eps ~ N(0, I) for the given sample indices: (B, T, C) float32 on CPU."""
     flow = model.flow
-    return per_sample_normal((flow.num_tokens, flow.token_dim), seed, indices, STREAM_SAMPLE_NOISE)
+    return per_sample_normal((flow.num_tokens, flow.token_dim), seed, indices, Stream.SAMPLE_NOISE)
 
 
 def sample_labels(num_classes: int, seed: int, indices: torch.Tensor) -> torch.Tensor:
     """Uniform random class labels per sample index (i.i.d., as DiT and REPA sample; method §9): (B,) int64."""
-    return per_sample_randint(num_classes, seed, indices, STREAM_SAMPLE_LABEL)
+    return per_sample_randint(num_classes, seed, indices, Stream.SAMPLE_LABEL)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@
 #                                   --max-restarts=K` with the c10d store on the first node. When a node dies, the
 #                                   surviving agents restart their workers, which resume from the newest checkpoint
 #                                   at the smaller world size.
-#   --worker                        one per GPU (started by torchrun): runs `python -m launcher --config CONFIG ...`,
+#   --worker                        one per GPU (started by torchrun): runs `python -m simflow.launch --config CONFIG ...`,
 #                                   relays signals to it and records its exit code in the run directory, because
 #                                   torchrun itself never passes a worker's exit code on.
 #
@@ -32,7 +32,7 @@
 #   SIMFLOW_MIN_NODES        elastic minimum number of nodes (default 1; maximum = nodes of the job)
 #   SIMFLOW_MAX_RESTARTS     torchrun --max-restarts (default 3): worker-group restarts after failures
 #   SIMFLOW_RDZV_PORT        c10d rendezvous port on the first node. Default: the first free port from
-#                            20000 + job id mod 10000 upwards. Set: used as given, and the job stops (exit 2,
+#                            20000 + job id mod 10000 upwards (simflow.runtime.rendezvous_base_port, the same base as srun-only starts). Set: used as given, and the job stops (exit 2,
 #                            saying why) if that port is already in use there, e.g. by another job's rendezvous
 #   SIMFLOW_RDZV_CONF        extra torchrun --rdzv-conf entries, e.g. "last_call_timeout=10,join_timeout=900"
 #   SIMFLOW_SHUTDOWN_TIMEOUT seconds the agents give workers to save after a stop signal (default 240; keep it
@@ -68,7 +68,7 @@ die() { log "ERROR: $*"; exit 2; }
 find_root() {
   local c
   for c in "${SIMFLOW_ROOT:-}" "${SLURM_SUBMIT_DIR:-}" "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)"; do
-    if [[ -n $c && -d $c/simflow && -d $c/launcher && -f $c/slurm/train.sh ]]; then
+    if [[ -n $c && -d $c/simflow && -f $c/simflow/launch.py && -f $c/slurm/train.sh ]]; then
       (cd "$c" && pwd)
       return 0
     fi
@@ -92,7 +92,7 @@ role_worker() {
   local child rc rec
   # The launcher applies the elastic global-batch rule itself at every (re)start: with train.global_batch_size set,
   # train.grad_accumulation follows the world size (simflow.config.derive_grad_accumulation), as under plain torchrun.
-  "$SIMFLOW_PYTHON" -m launcher --config "$SIMFLOW_CONFIG" "train.out_dir=$SIMFLOW_RUN_DIR" "$@" &
+  "$SIMFLOW_PYTHON" -m simflow.launch --config "$SIMFLOW_CONFIG" "train.out_dir=$SIMFLOW_RUN_DIR" "$@" &
   child=$!
   # torchrun's agent sends the stop signal to this shell (and srun to every process of the step): pass it on.
   trap 'kill -s USR1 "$child" 2>/dev/null' USR1

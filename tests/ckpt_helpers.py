@@ -55,8 +55,8 @@ def child_env(**extra: str) -> Dict[str, str]:
 
 
 def launch_ranks(world: int, overrides: Sequence[str], logdir: str, port: int,
-                 module: str = "launcher") -> List[subprocess.Popen]:
-    """Start ``world`` processes of ``python -m launcher --config tiny.yaml ...`` with torchrun-style variables
+                 module: str = "simflow.launch") -> List[subprocess.Popen]:
+    """Start ``world`` processes of ``python -m simflow.launch --config tiny.yaml ...`` with torchrun-style variables
     (one process per rank, as ``srun`` without torchrun would); stdout+stderr go to ``logdir/rank<r>.log``."""
     procs = []
     for r in range(world):

@@ -15,7 +15,7 @@ import torch
 from simflow.config import ConfigError, load_config
 from simflow.eval.ablation import default_plan, heldout_nll, ordering_verdict, noise_note, summarise
 from simflow.models.simflow import SimFlowModel
-from simflow.train.noise import STREAM_LATENT_NOISE, STREAM_POSTERIOR, per_sample_normal
+from simflow.rng import Stream, per_sample_normal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATE = os.path.join(ROOT, "configs", "ablate")
@@ -100,11 +100,11 @@ def test_heldout_nll_exact_for_identity_flow(name, tmp_path, demo):
     with torch.no_grad():
         mu, logvar = model.vae.encode(to_model_input(images))
         idx = torch.arange(37)
-        eps = per_sample_normal(model.latent_shape, 5, idx, STREAM_POSTERIOR)
+        eps = per_sample_normal(model.latent_shape, 5, idx, Stream.POSTERIOR)
         std = 0.5 if logvar is None else torch.exp(0.5 * logvar)
         z = mu + std * eps
         if cfg.model.flow.noise_std:
-            z = z + cfg.model.flow.noise_std * per_sample_normal(model.latent_shape, 5, idx, STREAM_LATENT_NOISE)
+            z = z + cfg.model.flow.noise_std * per_sample_normal(model.latent_shape, 5, idx, Stream.LATENT_NOISE)
         nats = (0.5 * z.pow(2).flatten(1).mean(1)).mean().item() + 0.5 * math.log(2 * math.pi)
     assert got["num_images"] == 37
     assert got["nats_per_dim"] == pytest.approx(nats, rel=1e-5)

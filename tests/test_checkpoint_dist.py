@@ -1,7 +1,7 @@
 """Multi-process checkpoint tests on CPU/gloo (issue 5 "Must show"): resume at other (TP, DP) layouts, a worker
 SIGKILLed under ``torchrun`` elastic with two agents, SIGUSR1/SIGTERM sent to one rank only.
 
-Every job is the real entry point (``python -m launcher`` / ``torchrun ... -m launcher``) on the tiny config at flow
+Every job is the real entry point (``python -m simflow.launch`` / ``torchrun ... -m simflow.launch``) on the tiny config at flow
 width 32 with the DeepSpeed ZeRO-3 engine (megatron-core TP where tp_size=2). DeepSpeed's first start JIT-builds a
 small shm op cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), shared with
 test_parallel_dist.py.
@@ -139,7 +139,7 @@ def _start_agents(out: str, ov, extra_args=()):
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1", "--max-restarts=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test",
-           "--monitor-interval=0.2", *extra_args, "-m", "launcher", "--config", TINY, *ov]
+           "--monitor-interval=0.2", *extra_args, "-m", "simflow.launch", "--config", TINY, *ov]
     agents = []
     for name in ("a", "b"):
         log = open(os.path.join(out, f"agent_{name}.log"), "w")
@@ -175,7 +175,7 @@ def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
     killed = None
     try:
         _wait_marker(out, 3, agents)
-        workers = [p for p in descendants(agents[1].pid) if "launcher" in _cmdline(p)
+        workers = [p for p in descendants(agents[1].pid) if "simflow.launch" in _cmdline(p)
                    and "torch.distributed.run" not in _cmdline(p)]
         assert workers, "no worker process under agent b"
         killed = workers[0]

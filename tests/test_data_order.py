@@ -6,7 +6,8 @@ import torch
 
 from simflow.config import load_config
 from simflow.data import Loader, NpzSource, build_loader
-from simflow.data.order import GlobalOrder, per_sample_uniform, step_positions
+from simflow.data.order import GlobalOrder, step_positions
+from simflow.rng import per_sample_uniform
 
 N = 48
 RES = 8

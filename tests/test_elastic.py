@@ -1,5 +1,5 @@
-"""Issue 11 "Must show", multi-process on CPU/gloo with the real entry point (``torchrun ... -m launcher`` /
-``python -m launcher``), tiny config at flow width 32, DeepSpeed ZeRO-3:
+"""Issue 11 "Must show", multi-process on CPU/gloo with the real entry point (``torchrun ... -m simflow.launch`` /
+``python -m simflow.launch``), tiny config at flow width 32, DeepSpeed ZeRO-3:
 
 * two elastic agents (``--nnodes=1:2``, c10d on 127.0.0.1): agent b (a "node") leaves mid-run and a new agent b
   rejoins later; the job finishes by itself; the global batches of all steps sum to the final ``consumed_samples``;
@@ -75,7 +75,7 @@ def _agent(out: str, name: str, ov, port: int, rdzv_id: str, nnodes: str = "1:2"
     os.makedirs(out, exist_ok=True)
     args = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}",
-            "--monitor-interval=0.2", *extra, "-m", "launcher", "--config", TINY, *ov]
+            "--monitor-interval=0.2", *extra, "-m", "simflow.launch", "--config", TINY, *ov]
     if gate:
         cmd = [sys.executable, "-c", GATED, gate, *args]
     else:
@@ -300,7 +300,7 @@ def test_missing_data_path_under_torchrun_exits_2_before_any_process_group(tmp_p
     out = str(tmp_path / "run")
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0",
-                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "launcher",
+                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "simflow.launch",
                         "--config", TINY, "data.source=npz", f"data.path={missing}", f"train.out_dir={out}",
                         "parallel.engine=deepspeed"], env=child_env(), cwd=ROOT, capture_output=True, text=True,
                        timeout=300)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from simflow.config import PerceptualConfig, REPAConfig
 from simflow.losses.gan import adaptive_gan_weight, generator_adv_loss, hinge_d_loss
 from simflow.losses.perceptual import LPIPSLoss, build_perceptual
-from simflow.losses.teacher import REPAProjector, build_teacher, repa_loss, resample_token_grid
+from simflow.losses.teacher import build_teacher, repa_loss, resample_token_grid
+from simflow.models.repa import REPAProjector
 from simflow.losses.weights import WeightsNotFoundError
 from simflow.models.discriminator import NLayerDiscriminator
 

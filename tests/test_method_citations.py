@@ -7,7 +7,7 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCANNED = ("simflow", "launcher", "tools", "tests", "configs", "slurm", "README.md")
+SCANNED = ("simflow", "tools", "tests", "configs", "slurm", "README.md")
 SUFFIXES = (".py", ".md", ".yaml", ".sh", ".cfg")
 _REF = r"§\s*(\d+(?:\.\d+)?)((?:\s*(?:steps?|#)\s*\d+(?:\s*(?:-|and|,)\s*\d+)*)?)"
 CITATION = re.compile("method " + _REF)

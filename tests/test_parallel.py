@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from simflow.config import ConfigError, load_config
-from simflow.parallel.topology import (
-    check_parallel_config,
-    detect_dist_env,
-    expand_slurm_tasks_per_node,
-    first_slurm_host,
-)
+from simflow.parallel.topology import check_parallel_config
+from simflow.runtime import detect_dist_env, expand_slurm_tasks_per_node, first_slurm_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -38,7 +34,7 @@ def test_srun_env():
     assert (e.launcher, e.rank, e.world_size, e.local_rank, e.local_world_size, e.node_rank, e.num_nodes) == (
         "srun", 5, 6, 1, 2, 2, 3)
     assert e.master_addr == "gpu007"
-    assert e.master_port == 20000 + 123456 % 20000
+    assert e.master_port == 23456  # 20000 + job id mod 10000: the base slurm/train.sh also probes from
     env["MASTER_ADDR"], env["MASTER_PORT"] = "head", "31000"
     e = detect_dist_env(env)
     assert (e.master_addr, e.master_port) == ("head", 31000)
@@ -139,7 +135,7 @@ def test_deepspeed_config_is_derived_from_the_simflow_config():
 def test_launcher_rejects_bad_layout_before_any_process_group(overrides, env, key, monkeypatch, capsys):
     """The launcher checks the layout against the environment and exits with status 2 naming the key; the
     rendezvous address points nowhere, so reaching init_process_group would hang instead of returning."""
-    from launcher.main import main
+    from simflow.launch import main
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.delenv(k, raising=False)

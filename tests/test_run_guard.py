@@ -154,7 +154,7 @@ def test_s3_data_path_that_does_not_exist_fails_naming_it(monkeypatch):
 
 
 def test_launcher_exits_2_naming_a_missing_data_path(tmp_path, capsys):
-    from launcher.main import main
+    from simflow.launch import main
 
     missing = str(tmp_path / "no" / "demo.npz")
     assert main(["--config", TINY, "data.source=npz", f"data.path={missing}", f"train.out_dir={tmp_path}/run"]) == 2

@@ -32,7 +32,8 @@ from simflow.eval.sample_set import (
     sampling_settings,
     slot_from_env,
 )
-from simflow.eval.weights import WeightsError, load_generator, resolve_config
+from simflow.checkpoint.weights import WeightsError, resolve_config
+from simflow.eval.weights import load_generator
 from simflow.models.simflow import SimFlowModel
 from simflow.sample import main as sample_main
 from simflow.sampling import sample_images, sample_labels, to_uint8

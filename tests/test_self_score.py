@@ -55,7 +55,7 @@ def test_bad_inputs_are_refused():
 def test_training_run_writes_eval_json(tmp_path):
     """A short real run (world size 1) scores itself: eval.json with the demo_ keys, the note, both CFG settings."""
     from simflow.data.demo import build_demo
-    from simflow.train.trainer import Trainer
+    from simflow.launch import train_and_score  # self-scoring runs after the trainer, in the launcher (issue 13)
 
     train_npz, test_npz, _ = build_demo(str(tmp_path / "demo"), limit=600)
     cfg = load_config(TINY, [
@@ -63,7 +63,7 @@ def test_training_run_writes_eval_json(tmp_path):
         "eval.self_score_samples=40", "train.steps=3", "train.micro_batch_size=8", "train.sample_every=0",
         "train.sample_grid=10", "checkpoint.every_steps=0", "logging.wandb=disabled", "sample.cfg_scale=2",
         f"train.out_dir={tmp_path / 'run'}"])
-    out = Trainer(cfg).fit()
+    out = train_and_score(cfg)
     rec = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert rec == {**out["eval"], "line": rec["line"]}
     assert rec["num_samples"] == 40 and rec["cfg_scale"] == 2.0 and rec["cfg_mode"] == "deep_only_cond"

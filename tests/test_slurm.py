@@ -273,7 +273,7 @@ def test_two_node_training_equals_torchrun(clean_run, demo_npz, tmp_path):
 
     ref = str(tmp_path / "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TORCH_EXTENSIONS_DIR=EXT_DIR)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "launcher",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "simflow.launch",
            "--config", TINY, f"train.out_dir={ref}", *_overrides(demo_npz, "checkpoint.every_steps=8")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

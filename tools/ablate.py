@@ -32,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -43,19 +42,7 @@ sys.path.insert(0, ROOT)
 
 from simflow.eval.ablation import RESULT_JSON, default_plan, run_task, write_report  # noqa: E402
 from simflow.eval.demo_features import DEFAULT_WEIGHTS, DemoFashionFeatures  # noqa: E402
-
-
-def git_commit() -> str:
-    """HEAD commit, with ``+dirty`` when the code or configs (``simflow/``, ``tools/``, ``configs/``) differ from it
-    (files elsewhere, e.g. other people's tests, do not change what this study computes)."""
-    try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--",
-                                "simflow", "tools", "configs"], capture_output=True, text=True, timeout=10).stdout.strip()
-        return (head or "unknown") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+from simflow.runtime import code_version  # noqa: E402
 
 
 def ensure_reference(test_npz: str, extractor_weights: str, path: str) -> str:
@@ -107,7 +94,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     argv_list = list(argv) if argv is not None else sys.argv[1:]
     t0 = time.time()
-    commit = git_commit()  # the code this run executes (workers import it at start)
+    commit = code_version()  # the code this run executes (workers import it at start)
     for name in ("budget", "num_samples", "num_heldout", "jobs", "threads"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}", file=sys.stderr)

@@ -31,7 +31,7 @@ def run_case(config: str, batch: int, batches: int, cfg_scale, device_name: str,
     from simflow.config import load_config
     from simflow.eval.sample_set import sample_range
     from simflow.models.simflow import SimFlowModel
-    from simflow.train.trainer import autocast_dtype
+    from simflow.runtime import autocast_dtype
 
     device = torch.device(device_name)
     path = os.path.join(ROOT, "configs", f"{config}.yaml")

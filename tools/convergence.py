@@ -38,19 +38,9 @@ from typing import Any, Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from simflow.runtime import code_version  # noqa: E402
+
 CONFIGS = os.path.join(ROOT, "configs", "ablate")
-
-
-def git_commit() -> str:
-    """HEAD commit, ``+dirty`` when simflow/, tools/ or configs/ differ from it."""
-    try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", "simflow",
-                                "tools", "configs"], capture_output=True, text=True, timeout=10).stdout.strip()
-        return (head or "unknown") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def plan(args) -> List[Dict[str, Any]]:
@@ -282,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     history = json.load(open(log_path)) if os.path.isfile(log_path) else []
     command = shlex.join(["python", "tools/convergence.py", *sys.argv[1:]])
     if not history or history[-1]["command"] != command:  # a repeated invocation (e.g. a scoring loop) is one entry
-        history.append({"command": command, "commit": git_commit(),
+        history.append({"command": command, "commit": code_version(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     with open(log_path, "w") as f:
         json.dump(history, f, indent=2)

@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from simflow.data.loader import DataError  # noqa: E402
-from simflow.eval.evaluator import resolve_device  # noqa: E402
+from simflow.runtime import resolve_device  # noqa: E402
 from simflow.eval.features import ImageFormatError, available_feature_extractors, build_feature_extractor  # noqa: E402
 from simflow.eval.npz import NpzError  # noqa: E402
 from simflow.eval.reference import compute_reference, open_image_set, write_reference  # noqa: E402

@@ -37,6 +37,7 @@ from simflow.checkpoint import storage
 from simflow.checkpoint.store import (COMMON, CheckpointError, Group, _SingleGroup, commit, find_latest_with_report,
                                       prepare_step_dir, load_json, load_rank_state, read_manifest, rng_name,
                                       save_json, save_torch, step_dir, write_tensors, read_tensors)
+from simflow.config import SimFlowConfig, from_dict, to_dict
 
 log = logging.getLogger("simflow")
 
@@ -262,4 +263,31 @@ class Checkpointer:
         return common, targets, rng, exact
 
 
-__all__ = ["Checkpointer", "commit", "prepare_step_dir"]
+def check_resumable(manifest: Dict[str, Any], run_id: str, cfg: SimFlowConfig, where: str) -> None:
+    """Refuse to resume from a checkpoint of another run, or one whose ``model`` config differs (architecture
+    change): the ``Checkpointer.load_latest`` check of the trainer.
+
+    Raises:
+        CheckpointError: naming the checkpoint, both run ids, or the differing ``model.*`` keys with both values.
+    """
+    if manifest.get("run_id") != run_id:
+        raise CheckpointError(f"{where} belongs to run {manifest.get('run_id')!r}, but this job is run {run_id!r} "
+                              f"(train.run_id); refusing to load another run's checkpoint")
+    stored = to_dict(from_dict(manifest["config"]))["model"]
+    now = to_dict(cfg)["model"]
+    diffs: List[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}")
+        elif a != b:
+            diffs.append(f"{key}: checkpoint {a!r}, config {b!r}")
+
+    walk(stored, now, "model")
+    if diffs:
+        raise CheckpointError(f"{where}: the config changes the architecture ({'; '.join(diffs)}); a run cannot "
+                              f"resume into another model (start a new run directory instead)")
+
+
+__all__ = ["Checkpointer", "check_resumable", "commit", "prepare_step_dir"]

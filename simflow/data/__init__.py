@@ -3,7 +3,7 @@
 Entry point: :func:`build_loader` (dispatches on ``cfg.data.source``). Modules:
 
 * :mod:`simflow.data.demo` -- the real demo set (Fashion-MNIST from apt, or crops of shipped photos);
-* :mod:`simflow.data.order` -- position -> sample rule, dealing to ranks, per-sample randomness;
+* :mod:`simflow.data.order` -- position -> sample rule, dealing to ranks (per-sample randomness: :mod:`simflow.rng`);
 * :mod:`simflow.data.loader` -- :class:`Loader` (iteration, ``consumed_samples`` state) and the NPZ source;
 * :mod:`simflow.data.shards` -- WebDataset shards with a byte-range index (local, ``s3://``, ``pipe:``);
   :mod:`simflow.data.shard_writer` writes them (``tools/make_shards.py``);
@@ -14,7 +14,7 @@ Entry point: :func:`build_loader` (dispatches on ``cfg.data.source``). Modules:
 from __future__ import annotations
 
 from .loader import DataError, Loader, NpzSource, SampleSource
-from .order import GlobalOrder, micro_batch_positions, per_sample_hash, per_sample_uniform, step_positions
+from .order import GlobalOrder, micro_batch_positions, step_positions
 
 
 def build_source(cfg) -> SampleSource:
@@ -75,6 +75,4 @@ __all__ = [
     "GlobalOrder",
     "micro_batch_positions",
     "step_positions",
-    "per_sample_hash",
-    "per_sample_uniform",
 ]

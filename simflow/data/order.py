@@ -5,10 +5,10 @@ over all ranks. The order is a pure function of ``(seed, p)``:
 
 * epoch ``e = p // N`` and offset ``o = p % N`` (``N`` = number of samples in the data set);
 * exact-epoch mode (default): the sample at ``p`` is ``perm(seed, e)[o]``, where ``perm(seed, e)`` is a uniformly
-  random permutation of ``range(N)`` drawn from ``numpy.random.PCG64(SeedSequence([seed, e, 0]))``. So positions
+  random permutation of ``range(N)`` drawn from ``numpy.random.PCG64(SeedSequence([seed, e, Stream.PERMUTATION]))``. So positions
   ``[e*N, (e+1)*N)`` visit every sample exactly once;
 * resampling mode (``data.resample=true``): the sample at ``p`` is ``draw(seed, e)[o]``, where ``draw(seed, e)`` is
-  ``N`` independent uniform draws *with replacement* from the same kind of generator (stream id 1). An "epoch" is
+  ``N`` independent uniform draws *with replacement* from the same kind of generator (``Stream.RESAMPLE``). An "epoch" is
   then just a block of ``N`` positions: some samples appear several times and about ``N/e`` never.
 
 **Dealing positions to ranks.** A global batch of ``G = micro_batch_size * grad_accumulation * dp_size`` samples at
@@ -29,7 +29,7 @@ batch boundaries shifts; with ``train.global_batch_size`` set the global batch n
 multiple of it and the order equals an uninterrupted run's.
 
 **Per-sample randomness** (horizontal flip here; posterior noise and label dropout in the trainer) comes from a
-counter-based hash of ``(seed, stream, epoch, position)`` (:func:`per_sample_uniform`), not from a rank's RNG
+counter-based hash of ``(seed, stream, epoch, position)`` (:func:`simflow.rng.per_sample_uniform`), not from a rank's RNG
 stream, so it is identical whichever rank or worker processes the sample.
 """
 
@@ -40,49 +40,9 @@ from typing import Tuple
 
 import numpy as np
 
-# Stream ids for the seed sequences / hashes; fixed forever (changing one changes every order).
-STREAM_PERMUTATION = 0
-STREAM_RESAMPLE = 1
-STREAM_HFLIP = 2
-STREAM_SUBSTITUTE = 3
+from simflow.rng import Stream, per_sample_hash, per_sample_uniform
 
 _U64 = np.uint64
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014):
-    a bijective avalanche hash of uint64 -> uint64, elementwise (wrap-around arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = x + _U64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-        return z ^ (z >> _U64(31))
-
-
-def per_sample_hash(seed: int, stream: int, epoch, position) -> np.ndarray:
-    """64-bit hash of ``(seed, stream, epoch, position)``, elementwise over broadcast arrays.
-
-    Args:
-        seed: run seed (``train.seed``), >= 0.
-        stream: what the randomness is for (``STREAM_*`` constant or any caller-chosen int >= 0).
-        epoch, position: int arrays (or scalars) of the same broadcastable shape.
-
-    Returns:
-        uint64 array of the broadcast shape.
-    """
-    e = np.asarray(epoch).astype(np.uint64)
-    p = np.asarray(position).astype(np.uint64)
-    h = _mix64(np.full(np.broadcast(e, p).shape, _U64(seed & 0xFFFFFFFFFFFFFFFF)))
-    with np.errstate(over="ignore"):
-        h = _mix64(h ^ _U64(stream))
-        h = _mix64(h ^ e)
-        h = _mix64(h ^ p)
-    return h
-
-
-def per_sample_uniform(seed: int, stream: int, epoch, position) -> np.ndarray:
-    """Uniform float64 in [0, 1) from :func:`per_sample_hash` (top 53 bits / 2**53), elementwise."""
-    return (per_sample_hash(seed, stream, epoch, position) >> _U64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
 
 
 def micro_batch_positions(round_index: int, dp_rank: int, dp_size: int, micro_batch_size: int,
@@ -144,8 +104,8 @@ class GlobalOrder:
         if order is not None:
             self._cache.move_to_end(epoch)
             return order
-        stream = STREAM_RESAMPLE if self.resample else STREAM_PERMUTATION
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), stream])))
+        stream = Stream.RESAMPLE if self.resample else Stream.PERMUTATION
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), int(stream)])))
         if self.resample:
             order = rng.integers(0, self.num_samples, size=self.num_samples, dtype=np.int64)
         else:
@@ -177,19 +137,19 @@ class GlobalOrder:
 
     def hflip(self, positions: np.ndarray) -> np.ndarray:
         """Whether to mirror each sample horizontally: bool (B,), probability 1/2, from
-        ``per_sample_uniform(seed, STREAM_HFLIP, epoch, position)`` only."""
+        ``per_sample_uniform(seed, Stream.HFLIP, epoch, position)`` only."""
         positions = np.asarray(positions, dtype=np.int64)
-        return per_sample_uniform(self.seed, STREAM_HFLIP, positions // self.num_samples, positions) < 0.5
+        return per_sample_uniform(self.seed, Stream.HFLIP, positions // self.num_samples, positions) < 0.5
 
     def substitute(self, position: int, attempt: int) -> int:
         """A deterministic stand-in sample id for an unreadable sample at ``position`` (attempt 1, 2, ...).
 
         Used when a sample is corrupt so that every rank still takes the same number of steps with full batches:
         the stand-in is ``epoch_order(e)[(o + k) % N]`` with ``k`` from :func:`per_sample_hash` of
-        ``(seed, STREAM_SUBSTITUTE, attempt, position)`` -- a pure function of the position and the data.
+        ``(seed, Stream.SUBSTITUTE, attempt, position)`` -- a pure function of the position and the data.
         """
         e, o = divmod(int(position), self.num_samples)
-        k = int(per_sample_hash(self.seed, STREAM_SUBSTITUTE, attempt, position) % _U64(self.num_samples))
+        k = int(per_sample_hash(self.seed, Stream.SUBSTITUTE, attempt, position) % _U64(self.num_samples))
         return int(self.epoch_order(e)[(o + max(k, 1)) % self.num_samples])
 
 
@@ -197,10 +157,4 @@ __all__ = [
     "GlobalOrder",
     "micro_batch_positions",
     "step_positions",
-    "per_sample_hash",
-    "per_sample_uniform",
-    "STREAM_PERMUTATION",
-    "STREAM_RESAMPLE",
-    "STREAM_HFLIP",
-    "STREAM_SUBSTITUTE",
 ]

@@ -38,7 +38,7 @@ from simflow.data.transforms import to_model_input
 from simflow.eval.features import FeatureExtractor
 from simflow.eval.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from simflow.sampling import sample_images, sample_labels, save_grid, to_uint8
-from simflow.train.noise import STREAM_LATENT_NOISE, STREAM_POSTERIOR, per_sample_normal
+from simflow.rng import Stream, per_sample_normal
 
 RESULT_JSON = "result.json"
 LOG2 = math.log(2.0)
@@ -124,12 +124,12 @@ def heldout_nll(model, images: np.ndarray, labels: np.ndarray, seed: int = 0, ba
         x = to_model_input(images[lo : lo + batch_size]).to(device)
         y = torch.as_tensor(labels[lo : lo + batch_size], dtype=torch.int64, device=device)
         mu, logvar = vae.encode(x)
-        eps = per_sample_normal(shape, seed, idx, STREAM_POSTERIOR).to(device)
+        eps = per_sample_normal(shape, seed, idx, Stream.POSTERIOR).to(device)
         z = vae.reparameterize(mu, logvar, eps)
         std = vae.posterior_std(logvar)
         var = (std if isinstance(std, float) else std.float()) ** 2
         if noise_std > 0:
-            z = z + noise_std * per_sample_normal(shape, seed, idx, STREAM_LATENT_NOISE).to(device)
+            z = z + noise_std * per_sample_normal(shape, seed, idx, Stream.LATENT_NOISE).to(device)
             var = var + noise_std**2
         flow_z, log_det, _ = flow(z, y)
         nll_sum += float(flow.nll_loss(flow_z, log_det).double().sum())

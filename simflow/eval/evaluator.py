@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from simflow.eval.features import (
     FeatureExtractor,
@@ -40,6 +39,7 @@ from simflow.eval.features import (
 )
 from simflow.eval.metrics import FD_METHODS, feature_statistics, frechet_distance, inception_score, precision_recall
 from simflow.eval.npz import NpzArray, NpzError, check_npz_images, npz_keys
+from simflow.runtime import resolve_device
 
 METRICS = ("fid", "sfid", "is", "pr")
 STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
@@ -319,13 +319,6 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m simflow.fid",
@@ -421,7 +414,6 @@ __all__ = [
     "open_samples",
     "check_compatible",
     "evaluate",
-    "resolve_device",
     "build_parser",
     "main",
 ]

@@ -37,8 +37,9 @@ from simflow.data.transforms import to_model_input
 from simflow.eval.features import FeatureExtractor, check_images
 from simflow.eval.metrics import FD_METHODS, feature_statistics, frechet_distance
 from simflow.eval.reference import ImageSet
+from simflow.rng import Stream, per_sample_normal
+from simflow.runtime import autocast_dtype, resolve_device
 from simflow.sampling import to_uint8
-from simflow.train.noise import STREAM_POSTERIOR, per_sample_normal
 
 MAX_VALUE = 255.0
 
@@ -105,7 +106,7 @@ def reconstruct(
             if indices is None:
                 raise ValueError("reconstruct: latent_noise > 0 needs the image indices that seed the noise")
             eps = per_sample_normal(tuple(mu.shape[1:]), seed, torch.as_tensor(indices, dtype=torch.int64),
-                                    STREAM_POSTERIOR).to(device)
+                                    Stream.POSTERIOR).to(device)
             z = z + latent_noise * eps
         out = vae.decode(z.to(mu.dtype))
     return to_uint8(out.float().clamp(-1, 1).cpu()).numpy()
@@ -229,12 +230,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns 0, or 2 with ``error: ...`` on stderr for bad input."""
     from simflow.config import ConfigError
     from simflow.data.loader import DataError
-    from simflow.eval.evaluator import resolve_device
     from simflow.eval.features import ImageFormatError, build_feature_extractor
     from simflow.eval.npz import NpzError
     from simflow.eval.reference import open_image_set
-    from simflow.eval.weights import WeightsError, load_generator, resolve_config
-    from simflow.train.trainer import autocast_dtype
+    from simflow.checkpoint.weights import WeightsError, resolve_config
+    from simflow.eval.weights import load_generator
 
     args = build_parser().parse_intermixed_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]

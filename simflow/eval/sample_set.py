@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from simflow.config import SimFlowConfig
+from simflow.config import ConfigError, SimFlowConfig
+from simflow.runtime import code_version, detect_dist_env
 from simflow.sampling import sample_images, sample_labels, to_uint8
 
 PART_FORMAT = "simflow-sample-part/1"
@@ -123,7 +124,7 @@ def slot_from_env(
 ) -> Slot:
     """The :class:`Slot` of this process. Explicit arguments win over the environment.
 
-    Rank / world size / local rank: :func:`simflow.parallel.topology.detect_dist_env` (``RANK``/``WORLD_SIZE``
+    Rank / world size / local rank: :func:`simflow.runtime.detect_dist_env` (``RANK``/``WORLD_SIZE``
     from torchrun, else ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` inside an ``srun`` step, else 0/1). Array:
     ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``, else 0/1. No process group is
     created: ranks never communicate.
@@ -134,9 +135,6 @@ def slot_from_env(
     env = os.environ if environ is None else environ
     local_rank = 0
     if rank is None and world_size is None:
-        from simflow.config import ConfigError
-        from simflow.parallel.topology import detect_dist_env
-
         try:  # the launcher's reading of torchrun / srun variables, so both agree on who is who
             de = detect_dist_env(env)
         except ConfigError as e:
@@ -542,8 +540,6 @@ def generate(
 
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    from simflow.train.trainer import code_version
-
     return code_version()
 
 

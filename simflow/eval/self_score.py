@@ -12,7 +12,7 @@ docs/demo_fid.md) against the test split:
 * ``class_accuracy``: share of samples the network classifies as their conditioning label (it is 92.5% accurate on
   real test images), i.e. how well class conditioning works.
 
-Writes ``<run dir>/eval.json`` and returns one printable line. Standalone: ``python -m simflow.eval.self_score
+Writes ``<run dir>/eval.json`` and returns one printable line. Standalone: ``python -m simflow.self_score
 --config C --weights W`` (weights file or checkpoint step directory) scores any run; ``tools/convergence.py`` uses it.
 Runs on one process (rank 0 in a distributed run, after the other ranks finished their collectives).
 """
@@ -32,6 +32,7 @@ import torch
 
 from simflow.eval.demo_features import DEFAULT_WEIGHTS, DemoFashionFeatures
 from simflow.eval.metrics import feature_statistics, frechet_distance
+from simflow.eval.weights import load_generator
 
 EVAL_JSON = "eval.json"
 NOTE = ("demo-FID = Frechet distance of the Fashion-MNIST CNN features (weights/demo_fid, docs/demo_fid.md) between "
@@ -133,8 +134,6 @@ def score_run(weights: str, cfg, out_dir: Optional[str], step: Optional[int] = N
         ``skipped`` (the reason) when the test split or the feature network is missing (nothing is raised then:
         the run itself succeeded).
     """
-    from simflow.eval.weights import load_generator
-
     n = int(cfg.eval.self_score_samples)
     test_npz = cfg.eval.self_score_test
     ext_weights = cfg.eval.extractor_weights or DEFAULT_WEIGHTS
@@ -184,7 +183,7 @@ def score_run(weights: str, cfg, out_dir: Optional[str], step: Optional[int] = N
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m simflow.eval.self_score --config C --weights W [--out DIR] [key=value ...]``."""
+    """``python -m simflow.self_score --config C --weights W [--out DIR] [key=value ...]``."""
     from simflow.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -206,6 +205,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(rec["line"])
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

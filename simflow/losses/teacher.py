@@ -1,4 +1,4 @@
-"""REPA-E representation alignment: frozen DINOv2 teacher, projector MLP and the alignment loss (method §6).
+"""REPA-E representation alignment: the frozen DINOv2 teacher and the alignment loss (method §6).
 
 * :class:`DINOv2Teacher` (built by :func:`build_teacher`): a timm DINOv2 ViT (default ``vit_base_patch14_dinov2``,
   no registers) created with ``pretrained=False`` at ``teacher_resolution`` and loaded from the user's file
@@ -6,8 +6,8 @@
   DINOv2 release format; both pass through timm's own ``checkpoint_filter_fn`` for the architecture, which renames
   DINOv2 keys and resamples the positional embedding to the model's patch grid (518 px release -> 16x16 grid at
   224 px, as REPA does, method §6.1).
-* :class:`REPAProjector`: per-token MLP ``Linear(D, 2048) -> SiLU -> Linear(2048, 2048) -> SiLU -> Linear(2048, C)``
-  (REPA, arXiv 2410.06940; REPA-E, arXiv 2504.10483; method §6.1).
+* the projector MLP that maps flow tokens to the teacher's width is model state:
+  :class:`simflow.models.repa.REPAProjector`.
 * :func:`repa_loss`: ``-mean_{b,t} cos(proj_{b,t}, f_{b,t})`` (method §6.1). When the flow's token count ``T``
   differs from the teacher's patch count ``N``, the teacher tokens are resampled to the flow's grid by bilinear
   interpolation on the 2-D (square) patch grid (:func:`resample_token_grid`).
@@ -160,23 +160,6 @@ def load_teacher_weights(vit: nn.Module, state_dict: dict, source: str = "<state
         )
 
 
-class REPAProjector(nn.Module):
-    """REPA projector MLP applied per token (method §6.1): ``(B, T, in_dim)`` -> ``(B, T, out_dim)``.
-
-    ``Linear(in_dim, hidden) -> SiLU -> Linear(hidden, hidden) -> SiLU -> Linear(hidden, out_dim)``; hidden 2048 in
-    REPA/REPA-E (``loss.repa.projector_dim``), ``out_dim`` is the teacher width (768 for DINOv2 ViT-B).
-    """
-
-    def __init__(self, in_dim: int, hidden: int = 2048, out_dim: int = 768):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim)
-        )
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
-
-
 def resample_token_grid(tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Resample tokens on a square ``n x n`` grid (raster order) to a square ``m x m`` grid, ``m^2 = num_tokens``,
     by bilinear interpolation (``align_corners=False``). Identity (any token count) when ``n*n == num_tokens``.
@@ -224,7 +207,6 @@ __all__ = [
     "DINOv2Teacher",
     "build_teacher",
     "load_teacher_weights",
-    "REPAProjector",
     "resample_token_grid",
     "repa_loss",
 ]

@@ -13,13 +13,14 @@ decoder, no denoising step.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
 from simflow.config import SimFlowConfig
 from simflow.models.flow import Guidance, TransformerFlow
+from simflow.models.repa import REPAProjector
 from simflow.models.vae import VAE
 
 
@@ -42,8 +43,6 @@ class SimFlowModel(nn.Module):
         self.flow = TransformerFlow(cfg.model.flow, in_channels=c, latent_size=h, linear_factory=linear_factory)
         self.repa_projector = None
         if cfg.loss.repa.enabled:
-            from simflow.losses.teacher import REPAProjector
-
             r = cfg.loss.repa
             self.repa_projector = REPAProjector(cfg.model.flow.width, r.projector_dim, r.teacher_dim)
 
@@ -107,3 +106,17 @@ class SimFlowModel(nn.Module):
         (not clamped). ``temperature`` multiplies the noise (method §4.5 step 1)."""
         latent = self.flow.inverse(noise * temperature, y, guidance, use_cache=use_cache)
         return self.vae.decode(latent.to(next(self.vae.parameters()).dtype))
+
+
+def build_generator(cfg: SimFlowConfig, linear_factory=None,
+                    vae_init: Optional[Callable[[nn.Module], object]] = None) -> SimFlowModel:
+    """``SimFlowModel(cfg, linear_factory)`` as a training run starts it: ``vae_init(model.vae)`` fills the VAE
+    (the trainer passes the ``train.init_vae_from`` loader, :func:`simflow.checkpoint.weights.load_vae_weights`),
+    and with ``train.freeze_vae`` the VAE's ``requires_grad`` is off, so it gets no optimizer state and no updates
+    (method §10.3 "Frozen VAE" variants)."""
+    model = SimFlowModel(cfg, linear_factory)
+    if vae_init is not None:
+        vae_init(model.vae)
+    if cfg.train.freeze_vae:
+        model.vae.requires_grad_(False)
+    return model

@@ -31,7 +31,7 @@ def build_engine(
             ``deepspeed.zero.Init``.
         role: selects LR/betas (``optim.lr``/``betas`` or ``optim.disc_lr``/``disc_betas``).
         ema_prefixes: sub-modules with an EMA (e.g. ``["flow"]``).
-        topology: :class:`~simflow.parallel.topology.Topology` (or any object with ``device`` and ``world_size``).
+        topology: the :class:`~simflow.parallel.topology.Topology` (``Topology.single`` for one process).
 
     Raises:
         ValueError: ``parallel.engine=local`` with more than one process.

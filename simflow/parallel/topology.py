@@ -6,11 +6,12 @@ Three ways a process can be started, all read from the environment (no flags):
   including one ``torchrun`` agent per node under ``srun``);
 * ``srun`` directly, one task per process: ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``; the
   rendezvous host is ``MASTER_ADDR`` when set, else the first host of ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST``;
-  the port is ``MASTER_PORT`` when set, else derived from the job id (``20000 + job_id % 20000``) so that all tasks
-  of one job agree without talking to each other;
+  the port is ``MASTER_PORT`` when set, else derived from the job id
+  (:func:`simflow.runtime.rendezvous_base_port`, the rule ``slurm/train.sh`` also starts from) so that all tasks of
+  one job agree without talking to each other;
 * a plain ``python`` process (world size 1).
 
-:func:`detect_dist_env` only *reads* the environment: the launcher uses it to validate the configuration (global
+:func:`simflow.runtime.detect_dist_env` only *reads* the environment: the launcher uses it to validate the configuration (global
 batch = micro-batch x accumulation x DP) before any process group exists. :func:`init_topology` then starts
 ``torch.distributed`` (gloo on CPU, NCCL on CUDA), megatron-core ``parallel_state`` with ``tp_size`` adjacent ranks
 per tensor-parallel group (megatron order ``tp-cp-ep-dp-pp``: ranks ``[0, 1]`` are one TP group when TP=2, so TP
@@ -21,170 +22,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
-import socket
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Optional
 
 import torch
 
-from simflow.config import ConfigError, SimFlowConfig, global_batch_size
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """What the environment says about this process (before any process group exists).
-
-    Attributes:
-        launcher: ``"torchrun"``, ``"srun"`` or ``"single"``.
-        rank / world_size: global rank and number of processes.
-        local_rank / local_world_size: rank and process count on this node (selects the GPU).
-        node_rank / num_nodes: this node's index and the node count (informational).
-        master_addr / master_port: rendezvous address for ``init_process_group``.
-    """
-
-    launcher: str
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    node_rank: int
-    num_nodes: int
-    master_addr: str
-    master_port: int
-
-
-def _int(environ: Mapping[str, str], key: str, default: Optional[int] = None) -> int:
-    raw = environ.get(key)
-    if raw is None or raw == "":
-        if default is None:
-            raise ConfigError(f"environment variable {key} is required but not set")
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {key}={raw!r}: not an integer") from None
-
-
-def expand_slurm_tasks_per_node(spec: str) -> List[int]:
-    """Expand Slurm's compressed ``SLURM_TASKS_PER_NODE`` (e.g. ``"2(x3),1"``) to one count per node
-    (``[2, 2, 2, 1]``)."""
-    counts: List[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if not m:
-            raise ConfigError(f"SLURM_TASKS_PER_NODE={spec!r}: cannot parse {part!r}")
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
-    return counts
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """First host name of a Slurm node list such as ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"`` (zero padding kept).
-
-    Only the first entry is needed for the rendezvous address; the grammar handled is Slurm's ``prefix[ranges]``
-    with comma-separated ranges and optional numeric suffix after the bracket.
-    """
-    nodelist = nodelist.strip()
-    if not nodelist:
-        raise ConfigError("SLURM_JOB_NODELIST is empty")
-    # split on the first top-level comma
-    depth = 0
-    for i, ch in enumerate(nodelist):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            nodelist = nodelist[:i]
-            break
-    m = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", nodelist)
-    if not m:
-        return nodelist
-    prefix, ranges, suffix = m.groups()
-    first = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{first}{suffix}"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (for single-process or test rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def detect_dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
-    """Read rank, world size and rendezvous from the environment (torchrun, srun, or a single process).
-
-    Torchrun-style variables win when present (``torchrun`` inside an ``srun`` step). Pure: starts nothing and
-    does not modify ``environ``.
-
-    Raises:
-        ConfigError: a variable is missing or malformed, or ranks are out of range.
-    """
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        world = _int(env, "WORLD_SIZE")
-        rank = _int(env, "RANK")
-        local_rank = _int(env, "LOCAL_RANK", 0)
-        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
-        de = DistEnv(
-            launcher="torchrun",
-            rank=rank,
-            world_size=world,
-            local_rank=local_rank,
-            local_world_size=local_world,
-            node_rank=_int(env, "GROUP_RANK", rank // max(1, local_world)),
-            num_nodes=max(1, world // max(1, local_world)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_int(env, "MASTER_PORT", 29500),
-        )
-    elif "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
-        world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
-        rank = _int(env, "SLURM_PROCID")
-        node_rank = _int(env, "SLURM_NODEID", 0)
-        tpn = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-        if tpn:
-            per_node = expand_slurm_tasks_per_node(tpn)
-            local_world = per_node[node_rank] if node_rank < len(per_node) else per_node[-1]
-            num_nodes = len(per_node)
-        else:
-            local_world, num_nodes = world, 1
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        addr = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1")
-        if "MASTER_PORT" in env:
-            port = _int(env, "MASTER_PORT")
-        else:
-            port = 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
-        de = DistEnv(
-            launcher="srun",
-            rank=rank,
-            world_size=world,
-            local_rank=_int(env, "SLURM_LOCALID", 0),
-            local_world_size=local_world,
-            node_rank=node_rank,
-            num_nodes=num_nodes,
-            master_addr=addr,
-            master_port=port,
-        )
-    else:
-        de = DistEnv("single", 0, 1, 0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", 0))
-    if de.world_size < 1 or not 0 <= de.rank < de.world_size:
-        raise ConfigError(f"{de.launcher}: rank {de.rank} is outside world size {de.world_size}")
-    if not 0 <= de.local_rank < max(1, de.local_world_size):
-        raise ConfigError(f"{de.launcher}: local rank {de.local_rank} is outside local world size {de.local_world_size}")
-    return de
-
-
-def resolve_device(cfg: SimFlowConfig, local_rank: int = 0) -> torch.device:
-    """``train.device``: ``auto`` picks ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
-    want = cfg.train.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device='cuda' but torch.cuda.is_available() is False")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+from simflow.config import ConfigError, SimFlowConfig, derive_grad_accumulation, global_batch_size, validate
+from simflow.runtime import DistEnv, detect_dist_env, free_port, resolve_device
 
 
 def resolve_backend(cfg: SimFlowConfig, device: torch.device) -> str:
@@ -209,8 +53,6 @@ def check_parallel_config(cfg: SimFlowConfig, world_size: int, source: str = "<c
     Raises:
         ConfigError: naming the key and the values at fault.
     """
-    from simflow.config import derive_grad_accumulation, validate
-
     tp = cfg.parallel.tp_size
     if tp < 1 or world_size % tp != 0:
         raise ConfigError(
@@ -253,6 +95,14 @@ class Topology:
     backend: Optional[str]
     engine: str
     _owns_process_group: bool = field(default=False, repr=False)
+
+    @classmethod
+    def single(cls, device: torch.device = torch.device("cpu"), engine: str = "local",
+               env: Optional[DistEnv] = None) -> "Topology":
+        """One process, no process group: rank 0 of world 1, TP = DP = 1 (a plain ``python`` run, the trainer's
+        default, and :func:`init_topology` for a world of one with the local engine)."""
+        env = env or DistEnv("single", 0, 1, 0, 1, 0, 1, "127.0.0.1", 0)
+        return cls(env, 1, 0, 1, 0, device, None, engine)
 
     @property
     def rank(self) -> int:
@@ -354,12 +204,12 @@ def init_topology(
     """
     env = env or detect_dist_env()
     dp = check_parallel_config(cfg, env.world_size)
-    device = resolve_device(cfg, env.local_rank)
+    device = resolve_device(cfg.train.device, env.local_rank, "train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     need_pg = env.world_size > 1 or cfg.parallel.engine == "deepspeed" or cfg.parallel.tp_size > 1
     if not need_pg:
-        return Topology(env, 1, 0, 1, 0, device, None, cfg.parallel.engine)
+        return Topology.single(device, cfg.parallel.engine, env)
 
     backend = resolve_backend(cfg, device)
     port = env.master_port or free_port(env.master_addr if env.launcher == "single" else "127.0.0.1")
@@ -436,15 +286,9 @@ def destroy_topology(topo: Optional[Topology] = None) -> None:
 
 
 __all__ = [
-    "DistEnv",
     "Topology",
-    "detect_dist_env",
     "init_topology",
     "destroy_topology",
     "check_parallel_config",
-    "resolve_device",
     "resolve_backend",
-    "free_port",
-    "first_slurm_host",
-    "expand_slurm_tasks_per_node",
 ]

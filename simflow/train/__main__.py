@@ -1,10 +1,7 @@
-"""``python -m simflow.train --config configs/tiny.yaml key=value ...`` (alias ``simflow-train``).
+"""``python -m simflow.train --config configs/tiny.yaml key=value ...`` (alias ``simflow-train``): the same command
+as ``python -m simflow.launch`` (:mod:`simflow.launch`: one process, or a rank under ``torchrun``/``srun``)."""
 
-Runs in one process, or under ``torchrun``/``srun`` through :mod:`launcher` (which validates the config before any
-process group starts and sets up the topology).
-"""
-
-from launcher.main import entry, main  # noqa: F401 - main: the simflow-train console script
+from simflow.launch import entry
 
 if __name__ == "__main__":
     entry()

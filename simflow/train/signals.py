@@ -108,7 +108,7 @@ _HOLD_AFTER_REQUEUE = False
 
 
 def hold_handlers_after_requeue(on: bool = True) -> None:
-    """Process-wide policy, set by the process entry point (:func:`launcher.main.entry`): after a committed stop
+    """Process-wide policy, set by the process entry point (:func:`simflow.launch.entry`): after a committed stop
     step, keep the flag-only handlers until the process ends (:meth:`StopFlag.hold`) instead of restoring the
     previous ones. Off by default, so an in-process caller (tests, a notebook) gets its handlers back."""
     global _HOLD_AFTER_REQUEUE
@@ -156,7 +156,7 @@ class StopFlag:
         Called once the stop-step checkpoint is committed: the process is on its way out with
         :data:`REQUEUE_EXIT_CODE`, and a later stop signal (``torchrun`` sends SIGTERM to the surviving workers as
         soon as one of them exits; ``srun`` relays signals to every task) must not turn that into death by signal
-        (-15). The launcher's process entry point (:func:`launcher.main.entry`) then leaves with ``os._exit(75)``,
+        (-15). The launcher's process entry point (:func:`simflow.launch.entry`) then leaves with ``os._exit(75)``,
         so no signal can land in interpreter finalization either, after Python restored the default handlers."""
         self._previous.clear()
 

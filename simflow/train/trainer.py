@@ -23,12 +23,10 @@ through the loader's (consumed-samples) state, so the same loop runs in one proc
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import random
-import subprocess
 import time
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -36,20 +34,29 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from simflow.checkpoint.export import write_streamed
 from simflow.checkpoint.lock import claim_run_dir
-from simflow.checkpoint.manager import Checkpointer
-from simflow.checkpoint.store import CheckpointError, Group
-from simflow.config import SimFlowConfig, from_dict, to_dict
+from simflow.checkpoint.manager import Checkpointer, check_resumable
+from simflow.checkpoint.rng import rng_state, set_rng_state
+from simflow.checkpoint.store import Group
+from simflow.checkpoint.weights import load_vae_weights
+from simflow.config import SimFlowConfig, to_dict
+from simflow.data import build_loader
 from simflow.losses.joint import discriminator_loss, generator_loss, nll_lower_bound
+from simflow.losses.perceptual import build_perceptual
+from simflow.losses.teacher import build_teacher
 from simflow.models.discriminator import NLayerDiscriminator
-from simflow.models.simflow import SimFlowModel
+from simflow.models.simflow import SimFlowModel, build_generator
 from simflow.parallel.engine import Engine
+from simflow.parallel.factory import build_engine as default_build_engine
+from simflow.parallel.topology import Topology
+from simflow.rng import Stream, drop_labels, per_sample_normal
+from simflow.runtime import autocast_dtype, code_version, resolve_device
 from simflow.sampling import sample_images, save_grid
 from simflow.train.metrics import MetricsLogger, plot_loss_curve
 from simflow.train.signals import (REQUEUE_EXIT_CODE, NonFiniteExit, RequeueExit, StepBoundary, Watchdog,
                                    holding_after_requeue)
 from simflow.train.step_stats import MetricWindow, SkipTracker, poisoned_steps
-from simflow.train.noise import STREAM_LATENT_NOISE, STREAM_POSTERIOR, drop_labels, per_sample_normal
 
 log = logging.getLogger("simflow")
 
@@ -58,111 +65,37 @@ log = logging.getLogger("simflow")
 POISON_ENV = "SIMFLOW_TEST_POISON_LOSS"
 
 
-@dataclass
-class Topology:
-    """Where this process sits. The single-process default; the launcher passes the distributed one
-    (``simflow.parallel.topology``) with the same fields."""
-
-    rank: int = 0
-    world_size: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-    tp_rank: int = 0
-    tp_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(cfg: SimFlowConfig) -> torch.device:
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return torch.device("cpu")
-
-
-def autocast_dtype(cfg: SimFlowConfig, device: torch.device) -> torch.dtype:
-    """bf16 autocast on CUDA, fp32 on CPU (``train.precision=auto``; method §8)."""
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
-def code_version() -> str:
-    """The git commit of the package source, or 'unknown'."""
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def rng_state() -> Dict[str, Any]:
-    """Per-rank RNG states (torch CPU/CUDA, numpy, python) as weights_only-loadable containers."""
-    state = {"torch": torch.get_rng_state(), "numpy": _np_state(), "python": _py_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _np_state() -> Dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-            "cached": cached}
-
-
-def _py_state() -> List[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class Trainer:
     """Builds everything from a config and runs the loop. See the module docstring for one step."""
 
     def __init__(self, cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None):
         self.cfg = cfg
-        self.topo = topology or Topology(device=resolve_device(cfg))
+        self.topo = topology or Topology.single(resolve_device(cfg.train.device, key="train.device"),
+                                                cfg.parallel.engine)
         self.device = self.topo.device
         self.dtype = autocast_dtype(cfg, self.device)
         self.out_dir = cfg.train.out_dir
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
         self.run_id = cfg.train.run_id or os.path.basename(os.path.normpath(self.out_dir))
         # Teachers first: a missing weights file must stop the run before anything expensive happens.
-        from simflow.losses.perceptual import build_perceptual
-
         self.perceptual = build_perceptual(cfg.loss.perceptual)
         if self.perceptual is not None:
             self.perceptual.to(self.device)
         self.teacher = None
         if cfg.loss.repa.enabled:
-            from simflow.losses.teacher import build_teacher
-
             self.teacher = build_teacher(cfg.loss.repa).to(self.device)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and for any TP size
-        if build_engine is None:
-            from simflow.parallel.factory import build_engine  # local or DeepSpeed by parallel.engine
-        self.gen: Engine = build_engine(cfg, lambda factory=None: build_generator(cfg, factory), "generator",
+        build_engine = build_engine or default_build_engine  # local or DeepSpeed by parallel.engine
+        vae_init = (functools.partial(load_vae_weights, path=cfg.train.init_vae_from) if cfg.train.init_vae_from
+                    else None)  # a frozen-VAE variant starts from a trained VAE (method §10.3)
+        self.gen: Engine = build_engine(cfg, lambda factory=None: build_generator(cfg, factory, vae_init), "generator",
                                         ["flow", "vae"] if cfg.train.ema_vae else ["flow"], self.topo)
         self.disc: Optional[Engine] = None
         if cfg.loss.gan.weight > 0:
             g = cfg.loss.gan
             self.disc = build_engine(cfg, lambda factory=None: NLayerDiscriminator(3, g.ndf, g.n_layers, g.norm),
                                      "discriminator", [], self.topo)
-        from simflow.data import build_loader
-
         self.loader = build_loader(cfg, self.topo.dp_rank, self.topo.dp_size)
         check_data_labels(self.loader, cfg)  # once, on the host: the step never reads labels back
         self.step = 0
@@ -214,7 +147,7 @@ class Trainer:
         self.resume_report: Dict[str, Any] = {"loaded": None, "skipped": []}
         if not self.cfg.checkpoint.resume:
             return False
-        got = self.checkpointer.load_latest(lambda manifest, d: check_compatible(manifest, self.run_id, self.cfg, d))
+        got = self.checkpointer.load_latest(lambda manifest, d: check_resumable(manifest, self.run_id, self.cfg, d))
         if got is None:
             self.resume_report["skipped"] = list(self.checkpointer.skipped)
             return False
@@ -268,18 +201,18 @@ class Trainer:
 
     def host_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
         """The host (CPU) half of a micro-step: per-sample posterior noise, CFG label dropout and latent noise from
-        the batch's global sample indices (:mod:`simflow.train.noise`), on CPU tensors that never were on the
+        the batch's global sample indices (:mod:`simflow.rng`), on CPU tensors that never were on the
         device (their reads are not device syncs). Returns ``image`` (B, 3, H, W), ``label`` (B,) int64 after
         dropout, ``eps`` and ``latent_noise`` (B, C_lat, h, w) float32 or None."""
         cfg = self.cfg
         idx = batch["index"]
         latent_noise = None
         if cfg.model.flow.noise_std > 0:  # STARFlow-style extra latent noise, its own per-sample stream
-            latent_noise = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_LATENT_NOISE)
+            latent_noise = per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, Stream.LATENT_NOISE)
         return {
             "image": batch["image"],
             "label": drop_labels(batch["label"], self.model.null_class, cfg.train.label_drop, cfg.train.seed, idx),
-            "eps": per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, STREAM_POSTERIOR),
+            "eps": per_sample_normal(self.model.latent_shape, cfg.train.seed, idx, Stream.POSTERIOR),
             "latent_noise": latent_noise,
         }
 
@@ -426,8 +359,6 @@ class Trainer:
         """Full fp32 weights (EMA flow + VAE) as safetensors, for single-process sampling: streamed one tensor at a
         time (collective for sharded engines, rank 0 writes; :func:`simflow.checkpoint.export.write_streamed`), a
         local path or ``s3://`` URL. Raises NonFiniteExportError (no file) if any value is NaN/Inf."""
-        from simflow.checkpoint.export import write_streamed
-
         return write_streamed(path, self.gen.full_tensor_specs(ema=True), self.gen.iter_full_state(ema=True),
                               {"run_id": self.run_id, "step": str(self.step)}, write=self.topo.is_main)
 
@@ -498,12 +429,6 @@ class Trainer:
             if self.topo.is_main:
                 out.update(samples=samples, weights=weights,
                            loss_curve=plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png")))
-            if self.topo.is_main and cfg.eval.self_score_samples > 0:  # rank 0 alone: no collective follows
-                watchdog.beat("self-score")
-                from simflow.eval.self_score import score_run
-
-                out["eval"] = score_run(weights, cfg, self.out_dir, step=self.step, device=self.device)
-                print(out["eval"]["line"], flush=True)
         return out
 
 
@@ -526,79 +451,6 @@ def check_data_labels(loader: Any, cfg: SimFlowConfig) -> None:
         if lo < 0 or hi >= n:
             raise ValueError(f"data.path={cfg.data.path!r}: labels span [{lo}, {hi}], outside [0, {n}) "
                              f"(model.flow.num_classes={n})")
-
-
-def check_compatible(manifest: Dict[str, Any], run_id: str, cfg: SimFlowConfig, where: str) -> None:
-    """Refuse a checkpoint of another run, or one whose ``model`` config differs (architecture change).
-
-    Raises:
-        CheckpointError: naming the checkpoint, both run ids, or the differing ``model.*`` keys with both values.
-    """
-    if manifest.get("run_id") != run_id:
-        raise CheckpointError(f"{where} belongs to run {manifest.get('run_id')!r}, but this job is run {run_id!r} "
-                              f"(train.run_id); refusing to load another run's checkpoint")
-    stored = to_dict(from_dict(manifest["config"]))["model"]
-    now = to_dict(cfg)["model"]
-    diffs: List[str] = []
-
-    def walk(a: Any, b: Any, key: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{key}.{k}")
-        elif a != b:
-            diffs.append(f"{key}: checkpoint {a!r}, config {b!r}")
-
-    walk(stored, now, "model")
-    if diffs:
-        raise CheckpointError(f"{where}: the config changes the architecture ({'; '.join(diffs)}); a run cannot "
-                              f"resume into another model (start a new run directory instead)")
-
-
-def load_vae_weights(vae: torch.nn.Module, path: str) -> Dict[str, Any]:
-    """Load the ``vae.*`` entries of an exported weights file or a checkpoint into ``vae`` (strict).
-
-    Args:
-        vae: the :class:`~simflow.models.vae.VAE` to fill.
-        path: ``weights.safetensors`` (``Trainer.export``) or a checkpoint step/root directory.
-
-    Returns:
-        the source description (path, SHA-256, step) of :func:`simflow.eval.weights.load_state`.
-
-    Raises:
-        ValueError: missing file, no ``vae.*`` entries, or entries that do not fit the config's VAE (names the
-            file, the key ``train.init_vae_from`` and the mismatching tensors).
-    """
-    from simflow.eval.weights import WeightsError, load_state
-
-    try:
-        state, src = load_state(path, use_ema=True)
-    except WeightsError as e:
-        raise ValueError(f"train.init_vae_from={path!r}: {e}") from None
-    vae_state = {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")}
-    if not vae_state:
-        raise ValueError(f"train.init_vae_from={path!r}: no 'vae.*' entries in the weights")
-    own = vae.state_dict()
-    bad = sorted(set(own) ^ set(vae_state)) + [
-        f"{k}: {tuple(vae_state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own if k in vae_state and vae_state[k].shape != own[k].shape]
-    if bad:
-        raise ValueError(f"train.init_vae_from={path!r}: the VAE weights do not fit model.vae ({len(bad)} "
-                         f"problems, e.g. {bad[:3]})")
-    vae.load_state_dict({k: v.to(own[k].dtype) for k, v in vae_state.items()}, strict=True)
-    return src.describe()
-
-
-def build_generator(cfg: SimFlowConfig, linear_factory=None) -> SimFlowModel:
-    """``SimFlowModel(cfg)``, with the VAE loaded from ``train.init_vae_from`` and frozen (``requires_grad``
-    off, so no optimizer state and no updates) when ``train.freeze_vae`` (method §10.3 "Frozen VAE" variants)."""
-    model = SimFlowModel(cfg, linear_factory)
-    if cfg.train.init_vae_from:
-        if cfg.parallel.engine != "local":
-            raise ValueError("train.init_vae_from is supported with parallel.engine=local only")
-        load_vae_weights(model.vae, cfg.train.init_vae_from)
-    if cfg.train.freeze_vae:
-        model.vae.requires_grad_(False)
-    return model
 
 
 def run(cfg: SimFlowConfig, topology: Optional[Topology] = None, build_engine=None) -> Dict[str, Any]:
