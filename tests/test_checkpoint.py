@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ckpt_helpers import ROOT, TINY, child_env, small_overrides, weights_of
-from simflow.checkpoint import storage
+from simflow import storage
 from simflow.checkpoint.lock import RunLock, RunLockError, pid_start_time
 from simflow.checkpoint.sharded import flat_range_boxes, zero3_range
 from simflow.checkpoint.store import (

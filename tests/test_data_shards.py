@@ -16,7 +16,8 @@ from PIL import Image
 from simflow.data import DataError, Loader, NpzSource
 from simflow.data.demo import build_demo, load_npz
 from simflow.data.shard_writer import sample_ranges, write_shards
-from simflow.data.shards import ShardSource, register_s3_opener, sha256_file
+from simflow.data.shards import ShardSource, register_s3_opener
+from simflow.storage import sha256_file
 
 RES = 32
 PER_SHARD = 10

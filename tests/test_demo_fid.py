@@ -24,7 +24,8 @@ from simflow.eval.demo_features import (
     train_feature_net,
 )
 from simflow.eval.evaluator import ReferenceError, check_compatible, evaluate, load_reference, open_samples
-from simflow.eval.features import WeightsNotFoundError, available_feature_extractors, sha256_file
+from simflow.eval.features import WeightsNotFoundError, available_feature_extractors
+from simflow.storage import sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Test accuracy of the reduced run below, measured at 0.808 (seed 0); the margin absorbs float summation

@@ -31,12 +31,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from simflow import storage
 from simflow.eval.features import (
     FeatureExtractor,
     ImageFormatError,
     available_feature_extractors,
     build_feature_extractor,
-    sha256_file,
 )
 from simflow.eval.metrics import FD_METHODS, feature_statistics, frechet_distance, inception_score, precision_recall
 from simflow.eval.npz import NpzArray, NpzError, check_npz_images, npz_keys
@@ -105,7 +105,7 @@ def load_reference(path: str, ref_resolution: Optional[int] = None, expected_sha
         ReferenceError: no statistics and no images, unknown resolution, inconsistent entries, or SHA-256 mismatch.
     """
     keys = npz_keys(path)
-    digest = sha256_file(path)
+    digest = storage.sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
         raise ReferenceError(f"{path}: SHA-256 is {digest}, expected {expected_sha256}")
     images = NpzArray(path, "arr_0") if "arr_0" in keys else None
@@ -297,7 +297,7 @@ def evaluate(
     out["samples"] = {
         "path": os.path.abspath(samples.path),
         "key": samples.key,
-        "sha256": sha256_file(samples.path),
+        "sha256": storage.sha256_file(samples.path),
         "num_images": n,
         "num_images_in_file": len(samples),
         "resolution": list(samples.shape[1:3]),
@@ -403,11 +403,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     text = json.dumps(result, indent=2)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        storage.write_bytes(args.out, (text + "\n").encode())
     summary = {k: v for k, v in result.items() if isinstance(v, float)}
     print(json.dumps({"label": result["label"], **summary, "skipped": result["skipped"]}, indent=2))
     return 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
 import importlib
 import os
 import sys
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from simflow import storage
 
 FEATURE_NAMES = ("pool", "logits", "spatial")
 QUANTISATION_HINT = (
@@ -49,15 +50,6 @@ class ImageFormatError(ValueError):
 
 class WeightsNotFoundError(FileNotFoundError):
     """A feature network's weights file is missing. The message names the file and what it should contain."""
-
-
-def sha256_file(path: str, chunk_bytes: int = 1 << 22) -> str:
-    """Hex SHA-256 digest of a file, read in ``chunk_bytes`` chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_images(images: np.ndarray, what: str = "images", check_range: bool = True) -> None:
@@ -126,7 +118,7 @@ class FeatureExtractor(abc.ABC):
 
     def __init__(self, weights_path: str, device: Union[str, torch.device] = "cpu"):
         self.weights_path = os.path.abspath(weights_path)
-        self.weights_sha256 = sha256_file(weights_path)
+        self.weights_sha256 = storage.sha256_file(weights_path)
         self.device = torch.device(device)
 
     @abc.abstractmethod
@@ -422,7 +414,6 @@ __all__ = [
     "INCEPTION_WEIGHTS_HELP",
     "SFID_MODULE",
     "check_images",
-    "sha256_file",
     "load_inception_v3",
     "write_random_inception_weights",
     "register_feature_extractor",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from simflow import storage
 from simflow.data.transforms import to_model_input
 from simflow.eval.features import FeatureExtractor, check_images
 from simflow.eval.metrics import FD_METHODS, feature_statistics, frechet_distance
@@ -278,11 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   vae_weights="ema" if cfg.train.ema_vae else "raw")
     text = json.dumps(result, indent=2)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        storage.write_bytes(args.out, (text + "\n").encode())
     print(text)
     return 0
 
