@@ -7,6 +7,9 @@ tool checks that itself (exit status 1 below ``--min-accuracy``), which ``test_t
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import torch
 
 from simflow.data.demo import build_demo, load_fashion_mnist
 from simflow.eval.demo_features import (
+    DEFAULT_WEIGHTS,
     DEMO_KIND,
     DemoFashionFeatures,
     FashionCNN,
@@ -101,6 +105,22 @@ def test_registered_and_labelled(reduced_net):
     with pytest.raises(WeightsNotFoundError, match="train_feature_net.py"):
         DemoFashionFeatures(os.path.join(os.path.dirname(path), "missing.safetensors"))
 
+
+def test_demo_network_imported_only_when_built():
+    """`import simflow.eval.metrics` (or simflow.eval, or the evaluator) must not load the demo network; building
+    extractor "demo" does, and gives the demo extractor."""
+    code = textwrap.dedent(f"""
+        import sys
+        import simflow.eval, simflow.eval.metrics, simflow.eval.evaluator
+        assert "simflow.eval.demo_features" not in sys.modules, "imported as a side effect"
+        from simflow.eval.features import build_feature_extractor
+        ext = build_feature_extractor("demo", {DEFAULT_WEIGHTS!r})
+        assert "simflow.eval.demo_features" in sys.modules
+        print(type(ext).__name__, ext.metric_prefix)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["DemoFashionFeatures", "demo_"]
 
 def _npz(path, images):
     np.savez(path, arr_0=images)

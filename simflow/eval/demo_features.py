@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from simflow import storage
-from simflow.eval.features import FeatureExtractor, WeightsNotFoundError, register_feature_extractor
+from simflow.eval.features import FeatureExtractor, WeightsNotFoundError
 
 DEMO_KIND = "demo_fashion_cnn"
 DEMO_LABEL = "demo-FID (Fashion-MNIST CNN features; NOT Inception FID, not comparable with papers)"
@@ -83,11 +83,6 @@ class FashionCNN(nn.Module):
         self.stage3 = stage(2 * width, 4 * width)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(4 * width, num_classes)
-
-    @property
-    def feature_dim(self) -> int:
-        """Dimension D of the ``pool`` features (``4 * width``)."""
-        return 4 * self.width
 
     @staticmethod
     def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -324,9 +319,6 @@ class DemoFashionFeatures(FeatureExtractor):
         pool, logits = self.net(images)
         return {"pool": pool, "logits": logits}
 
-
-register_feature_extractor(DEMO_KIND, DemoFashionFeatures)
-register_feature_extractor("demo", DemoFashionFeatures)  # short alias for the command line
 
 __all__ = [
     "DEMO_KIND",

@@ -11,8 +11,10 @@ Implementations:
 
 * :class:`InceptionV3Features` (``"inception"``): torch-fidelity's port of the TensorFlow 2015-12-05 InceptionV3
   graph that ADM, TTUR and the papers use, loaded from a weights file the user gives (never downloaded).
-* Other networks (issue 8's Fashion-MNIST classifier, reported as "demo-FID") subclass :class:`FeatureExtractor`
-  and call :func:`register_feature_extractor`; ``python -m simflow.fid --extractor NAME`` then finds them. Each
+* Other networks subclass :class:`FeatureExtractor` and are named in the registry (:func:`register_feature_extractor`,
+  a factory or a lazy ``"package.module:Factory"`` string); ``python -m simflow.fid --extractor NAME`` then finds
+  them. Issue 8's Fashion-MNIST classifier (reported as "demo-FID") is registered that way as ``"demo"`` /
+  ``"demo_fashion_cnn"``: its module is imported only when one of those names is built. Each
   extractor carries a ``metric_prefix`` (``""`` for Inception, e.g. ``"demo_"`` otherwise) that prefixes every metric
   key it produces, so demo numbers cannot be mistaken for Inception FIDs.
 
@@ -363,13 +365,24 @@ def write_random_inception_weights(path: str, seed: int = 0) -> str:
 # registry
 # ------------------------------------------------------------------------------------------------------------------
 ExtractorFactory = Callable[..., FeatureExtractor]
-_REGISTRY: Dict[str, ExtractorFactory] = {"inception": InceptionV3Features}
+_DEMO = "simflow.eval.demo_features:DemoFashionFeatures"  # imported on first use, never by `import simflow.eval`
+_REGISTRY: Dict[str, Union[ExtractorFactory, str]] = {"inception": InceptionV3Features, "demo": _DEMO,
+                                                      "demo_fashion_cnn": _DEMO}
 
 
-def register_feature_extractor(kind: str, factory: ExtractorFactory) -> None:
+def register_feature_extractor(kind: str, factory: Union[ExtractorFactory, str]) -> None:
     """Make ``factory(weights_path, device=...)`` available as ``build_feature_extractor(kind, ...)`` and
-    ``python -m simflow.fid --extractor kind``. Re-registering a name replaces it."""
+    ``python -m simflow.fid --extractor kind``. ``factory`` may be a ``"package.module:Factory"`` string, imported
+    only when ``kind`` is built. Re-registering a name replaces it."""
     _REGISTRY[kind] = factory
+
+
+def _import_factory(kind: str, spec: str) -> ExtractorFactory:
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"feature extractor {kind!r}: cannot import {attr!r} from {module!r} ({e})") from None
 
 
 def available_feature_extractors() -> Sequence[str]:
@@ -390,19 +403,15 @@ def build_feature_extractor(kind: str, weights_path: str, device: Union[str, tor
         ValueError: unknown kind (the message lists the registered ones).
         WeightsNotFoundError: missing weights file.
     """
-    if kind not in _REGISTRY and ":" in kind:  # "package.module:Factory" -> import it (registers on import too)
-        module, _, attr = kind.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"feature extractor {kind!r}: cannot import {attr!r} from {module!r} ({e})") from None
-        return factory(weights_path, device=device)
-    if kind not in _REGISTRY:
+    factory = _REGISTRY.get(kind, kind if ":" in kind else None)  # an unregistered "package.module:Factory" too
+    if factory is None:
         raise ValueError(
             f"unknown feature extractor {kind!r}; registered: {list(available_feature_extractors())} "
             f"(or give 'package.module:FactoryName')"
         )
-    return _REGISTRY[kind](weights_path, device=device)
+    if isinstance(factory, str):
+        factory = _import_factory(kind, factory)
+    return factory(weights_path, device=device)
 
 
 __all__ = [
