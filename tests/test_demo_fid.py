@@ -177,7 +177,7 @@ def test_demo_statistics_refused_for_inception_reference(reduced_net, splits, tm
         check_compatible(samples, load_reference(other), ext)
 
 
-def test_fid_cli_and_fid_ref_tool(reduced_net, splits, tmp_path):
+def test_fid_cli_and_fid_ref_tool(reduced_net, splits, tmp_path, capsys):
     """tools/fid_ref.py and python -m simflow.fid accept the demo network by name."""
     import importlib.util
 
@@ -197,8 +197,9 @@ def test_fid_cli_and_fid_ref_tool(reduced_net, splits, tmp_path):
     with open(out) as f:
         res = json.load(f)
     assert abs(res["demo_fid"]) < 1e-3 and res["feature_extractor"]["kind"] == DEMO_KIND
-    with pytest.raises(SystemExit, match="extractor-weights"):  # no weights given: refused, never downloaded
-        fid_main([src, "--ref", ref, "--extractor", "demo", "--no-progress"])
+    # no weights given: refused (exit 2, the flag named), never downloaded
+    assert fid_main([src, "--ref", ref, "--extractor", "demo", "--no-progress"]) == 2
+    assert "--extractor-weights" in capsys.readouterr().err
 
 
 def test_tool_threshold_gate(tmp_path):
