@@ -26,7 +26,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -555,10 +555,6 @@ def from_dict(d: Dict[str, Any]) -> SimFlowConfig:
         raise ConfigError(f"stored config: invalid key {getattr(e, 'full_key', None)!r}: {msg}") from None
 
 
-def to_yaml(cfg: SimFlowConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 __all__ = [
     "ConfigError",
     "SimFlowConfig",
@@ -583,6 +579,4 @@ __all__ = [
     "derive_grad_accumulation",
     "to_dict",
     "from_dict",
-    "to_yaml",
-    "MISSING",
 ]

@@ -455,7 +455,9 @@ def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path):
     """
     from simflow.data.demo import build_demo
     from simflow.eval.evaluator import evaluate, load_reference, open_samples
-    from simflow.eval.features import build_feature_extractor, write_random_inception_weights
+    from helpers import write_random_inception_weights
+
+    from simflow.eval.features import build_feature_extractor
     from simflow.train.trainer import Trainer
 
     train_npz, test_npz, _ = build_demo(str(tmp_path / "demo"), limit=500)

@@ -140,23 +140,6 @@ def s3_filesystem(endpoint: Optional[str] = None, timeout_s: float = 60.0):
     return fs
 
 
-def register_s3_opener(endpoint: Optional[str] = None, timeout_s: float = 60.0) -> None:
-    """Teach ``webdataset.gopen`` the ``s3://`` scheme (webdataset 1.0.2 has none), backed by s3fs.
-
-    After this, plain WebDataset pipelines such as ``webdataset.WebDataset("s3://bucket/prefix/shard-000000.tar")``
-    stream from S3 with the same endpoint/credential rules as the SimFlow loader.
-    """
-    import importlib
-
-    wg = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function of that name)
-
-    def gopen_s3(url, mode="rb", bufsize=8192, **kw):
-        fs = s3_filesystem(endpoint, timeout_s)
-        return fs.open(url, mode, block_size=max(bufsize, 8 << 20))
-
-    wg.gopen_schemes["s3"] = gopen_s3
-
-
 class Store:
     """Byte access to the files of one shard folder. Subclasses: :class:`FsspecStore`, :class:`PipeStore`."""
 
@@ -723,6 +706,5 @@ __all__ = [
     "load_index",
     "decode_sample",
     "parse_sample_bytes",
-    "register_s3_opener",
     "s3_filesystem",
 ]

@@ -29,7 +29,6 @@ import contextlib
 import importlib
 import os
 import sys
-import tempfile
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -317,50 +316,6 @@ class InceptionV3Features(FeatureExtractor):
         return {"pool": pool, "logits": logits, "spatial": spatial}
 
 
-def write_random_inception_weights(path: str, seed: int = 0) -> str:
-    """Save a *randomly initialised* torch-fidelity InceptionV3 state dict to ``path`` (tests and offline demos).
-
-    Features from these weights exercise the real loading and extraction code but say nothing about image quality.
-    The module is built offline (torch-fidelity's constructor would otherwise download weights), then convolutions
-    get He-normal weights and batch norms random affine parameters and running statistics, so activations keep a
-    useful scale through all 48 layers.
-
-    Args:
-        path: output file (``torch.save`` of the state dict).
-        seed: RNG seed; the same seed gives the same file contents.
-
-    Returns:
-        ``path``.
-    """
-    cls = _inception_class()
-
-    class _Unloaded(cls):  # keep the constructor's fresh initialisation instead of loading a file
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D401 - torch signature
-            if state_dict:
-                raise ValueError("_Unloaded only accepts the empty placeholder state dict")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = os.path.join(tmp, "empty.pt")
-        torch.save({}, empty)
-        net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            m.weight.data = torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5
-        elif isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.weight.data = 1.0 + 0.1 * torch.randn(c, generator=g)
-            m.bias.data = 0.1 * torch.randn(c, generator=g)
-            m.running_mean.data = 0.1 * torch.randn(c, generator=g)
-            m.running_var.data = 1.0 + 0.1 * torch.rand(c, generator=g)
-        elif isinstance(m, nn.Linear):
-            m.weight.data = torch.randn(m.weight.shape, generator=g) / m.in_features**0.5
-            m.bias.data = 0.1 * torch.randn(m.out_features, generator=g)
-    torch.save(net.state_dict(), path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # registry
 # ------------------------------------------------------------------------------------------------------------------
@@ -424,7 +379,6 @@ __all__ = [
     "SFID_MODULE",
     "check_images",
     "load_inception_v3",
-    "write_random_inception_weights",
     "register_feature_extractor",
     "available_feature_extractors",
     "build_feature_extractor",
