@@ -26,7 +26,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -563,10 +563,6 @@ def from_dict(d: Dict[str, Any], overrides: Sequence[str] = (), source: str = "s
         raise ConfigError(f"{source}: invalid key {getattr(e, 'full_key', None)!r}: {msg}") from None
 
 
-def to_yaml(cfg: SimFlowConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 __all__ = [
     "ConfigError",
     "SimFlowConfig",
@@ -591,6 +587,4 @@ __all__ = [
     "derive_grad_accumulation",
     "to_dict",
     "from_dict",
-    "to_yaml",
-    "MISSING",
 ]

@@ -4,6 +4,9 @@
 127.0.0.1 port. While it runs, the standard AWS variables point at it (``AWS_ENDPOINT_URL``, dummy credentials,
 ``AWS_DEFAULT_REGION``), so s3fs/boto3 code paths talk to it unchanged. It is stopped by its PID at the end.
 Use ``s3_bucket`` for a fresh empty bucket per test.
+
+``one_thread``: one intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
+tiny models gain nothing from more, and CI's 2 cores are shared.
 """
 
 import os
@@ -16,12 +19,21 @@ import urllib.request
 import uuid
 
 import pytest
+import torch
 
 _AWS_VARS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _free_port() -> int:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ckpt_helpers import ROOT, TINY, child_env, small_overrides, weights_of
-from simflow.checkpoint import storage
+from simflow import storage
 from simflow.checkpoint.lock import RunLock, RunLockError, pid_start_time
 from simflow.checkpoint.sharded import flat_range_boxes, zero3_range
 from simflow.checkpoint.store import (
@@ -38,13 +38,7 @@ from simflow.train.signals import REQUEUE_EXIT_CODE, WATCHDOG_EXIT_CODE, Requeue
 from simflow.train.trainer import Trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and CI's 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

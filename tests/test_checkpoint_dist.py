@@ -28,19 +28,11 @@ from simflow.parallel.topology import free_port
 from simflow.train.signals import REQUEUE_EXIT_CODE
 from simflow.train.trainer import Trainer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 GLOBAL = 6  # divisible by DP = 1, 2, 3
 SAVE_AT, STEPS = 3, 5
 REL = 1e-6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import register_s3_opener
 from PIL import Image
 
 from simflow.data import DataError, Loader, NpzSource
 from simflow.data.demo import build_demo, load_npz
 from simflow.data.shard_writer import sample_ranges, write_shards
-from simflow.data.shards import ShardSource, register_s3_opener, sha256_file
+from simflow.data.shards import ShardSource
+from simflow.storage import sha256_file
 
 RES = 32
 PER_SHARD = 10

@@ -7,6 +7,9 @@ tool checks that itself (exit status 1 below ``--min-accuracy``), which ``test_t
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import torch
 
 from simflow.data.demo import build_demo, load_fashion_mnist
 from simflow.eval.demo_features import (
+    DEFAULT_WEIGHTS,
     DEMO_KIND,
     DemoFashionFeatures,
     FashionCNN,
@@ -24,7 +28,8 @@ from simflow.eval.demo_features import (
     train_feature_net,
 )
 from simflow.eval.evaluator import ReferenceError, check_compatible, evaluate, load_reference, open_samples
-from simflow.eval.features import WeightsNotFoundError, available_feature_extractors, sha256_file
+from simflow.eval.features import WeightsNotFoundError, available_feature_extractors
+from simflow.storage import sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Test accuracy of the reduced run below, measured at 0.808 (seed 0); the margin absorbs float summation
@@ -32,12 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDUCED_RUN_MIN_ACCURACY = 0.77
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,22 @@ def test_registered_and_labelled(reduced_net):
         DemoFashionFeatures(os.path.join(os.path.dirname(path), "missing.safetensors"))
 
 
+def test_demo_network_imported_only_when_built():
+    """`import simflow.eval.metrics` (or simflow.eval, or the evaluator) must not load the demo network; building
+    extractor "demo" does, and gives the demo extractor."""
+    code = textwrap.dedent(f"""
+        import sys
+        import simflow.eval, simflow.eval.metrics, simflow.eval.evaluator
+        assert "simflow.eval.demo_features" not in sys.modules, "imported as a side effect"
+        from simflow.eval.features import build_feature_extractor
+        ext = build_feature_extractor("demo", {DEFAULT_WEIGHTS!r})
+        assert "simflow.eval.demo_features" in sys.modules
+        print(type(ext).__name__, ext.metric_prefix)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["DemoFashionFeatures", "demo_"]
+
 def _npz(path, images):
     np.savez(path, arr_0=images)
     return str(path)
@@ -156,7 +172,7 @@ def test_demo_statistics_refused_for_inception_reference(reduced_net, splits, tm
         check_compatible(samples, load_reference(other), ext)
 
 
-def test_fid_cli_and_fid_ref_tool(reduced_net, splits, tmp_path):
+def test_fid_cli_and_fid_ref_tool(reduced_net, splits, tmp_path, capsys):
     """tools/fid_ref.py and python -m simflow.fid accept the demo network by name."""
     import importlib.util
 
@@ -176,8 +192,9 @@ def test_fid_cli_and_fid_ref_tool(reduced_net, splits, tmp_path):
     with open(out) as f:
         res = json.load(f)
     assert abs(res["demo_fid"]) < 1e-3 and res["feature_extractor"]["kind"] == DEMO_KIND
-    with pytest.raises(SystemExit, match="extractor-weights"):  # no weights given: refused, never downloaded
-        fid_main([src, "--ref", ref, "--extractor", "demo", "--no-progress"])
+    # no weights given: refused (exit 2, the flag named), never downloaded
+    assert fid_main([src, "--ref", ref, "--extractor", "demo", "--no-progress"]) == 2
+    assert "--extractor-weights" in capsys.readouterr().err
 
 
 def test_tool_threshold_gate(tmp_path):

@@ -24,7 +24,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from ckpt_helpers import (ROOT, TINY, child_env, kill_tree, launch_ranks, read_logs, small_overrides,
                           wait_all)
@@ -32,20 +31,12 @@ from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_m
 from simflow.parallel.topology import free_port
 from simflow.train.signals import LOCKED_EXIT_CODE, REQUEUE_EXIT_CODE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # Agent a hosts the c10d store (is_host=1) and the others are its clients (is_host=0), as in slurm/train.sh.
 # Keep-alive 2 s x 5: a dead agent is dropped after ~10 s, but a live one whose heartbeat thread is slow on a loaded
 # 2-core machine is not (with 1 s x 2, a late joiner declared the busy host agent dead and formed a world of its own).
 RDZV_CONF = "--rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=5,is_host={}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers import write_random_inception_weights
 
 from simflow.eval import metrics as M
 from simflow.eval.evaluator import ReferenceError, load_reference, main as fid_main, open_samples
@@ -22,7 +23,6 @@ from simflow.eval.features import (
     WeightsNotFoundError,
     build_feature_extractor,
     check_images,
-    write_random_inception_weights,
 )
 from simflow.eval.npz import NpzArray, NpzError
 from simflow.eval.reference import open_image_set

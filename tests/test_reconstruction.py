@@ -126,7 +126,9 @@ def test_cli_crop_to_model_resolution(weights, tmp_path, capsys):
 def test_rfid_uses_the_evaluator_features(weights, images, tmp_path):
     """rFID = Fréchet distance of Inception pool features (random weights from a file) of originals vs
     reconstructions; recomputed here from the same extractor."""
-    from simflow.eval.features import build_feature_extractor, write_random_inception_weights
+    from helpers import write_random_inception_weights
+
+    from simflow.eval.features import build_feature_extractor
     from simflow.eval.metrics import feature_statistics, frechet_distance
 
     inception = write_random_inception_weights(str(tmp_path / "inc.pt"))

@@ -44,12 +44,7 @@ N, RANGE, BATCH = 64, 8, 8
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sha(path):
@@ -223,7 +218,7 @@ def test_resume_rewrites_truncated_partial_and_missing_parts(model, reference_se
     data = bytearray(open(npz2, "rb").read())
     data[-100] ^= 0xFF  # same size, one flipped byte
     open(npz2, "wb").write(bytes(data))
-    open(npz0 + ".tmp.host.123", "wb").write(b"half a file")  # a killed writer's temporary file
+    open(npz0 + ".tmp-host-123", "wb").write(b"half a file")  # a killed writer's temporary file
     assert check_part(str(tmp_path), *done[0])[0] == "corrupt"
     assert check_part(str(tmp_path), *done[1])[0] == "partial"
     assert check_part(str(tmp_path), *done[2]) == ("corrupt", f"{npz2}: SHA-256 differs from its record")
@@ -237,7 +232,7 @@ def test_resume_rewrites_truncated_partial_and_missing_parts(model, reference_se
     assert (s["skipped"], s["written"]) == (1, N // RANGE - 1)
     assert sorted(r["part"] for r in s["rewritten"]) == sorted(
         os.path.basename(p)[:-4] for p in (npz0, npz1, npz2))
-    assert not os.path.exists(npz0 + ".tmp.host.123")
+    assert not os.path.exists(npz0 + ".tmp-host-123")
     side = pack(str(tmp_path), progress=False)  # settings read back from the parts
     assert side["sha256"] == reference_set[1]
 
@@ -433,7 +428,7 @@ def test_sigkill_midway_then_resume_gives_the_same_samples(model, weights, tmp_p
     with np.load(out / "samples.npz") as a, np.load(tmp_path / "ref" / "samples.npz") as b:
         assert a["arr_0"].tobytes() == b["arr_0"].tobytes() and np.array_equal(a["labels"], b["labels"])
     assert _sha(out / "samples.npz") == ref["sha256"]
-    assert not list((out / "parts").glob("*.tmp.*"))
+    assert not list((out / "parts").glob("*.tmp-*"))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -456,7 +451,9 @@ def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path):
     """
     from simflow.data.demo import build_demo
     from simflow.eval.evaluator import evaluate, load_reference, open_samples
-    from simflow.eval.features import build_feature_extractor, write_random_inception_weights
+    from helpers import write_random_inception_weights
+
+    from simflow.eval.features import build_feature_extractor
     from simflow.train.trainer import Trainer
 
     train_npz, test_npz, _ = build_demo(str(tmp_path / "demo"), limit=500)

@@ -37,12 +37,13 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from simflow import storage
+from simflow.eval.ablation import RESULT_JSON, default_plan, run_task, write_report
+from simflow.eval.demo_features import DEFAULT_WEIGHTS, DemoFashionFeatures
 
-from simflow.eval.ablation import RESULT_JSON, default_plan, run_task, write_report  # noqa: E402
-from simflow.eval.demo_features import DEFAULT_WEIGHTS, DemoFashionFeatures  # noqa: E402
-from simflow.runtime import code_version  # noqa: E402
+from simflow.runtime import code_version
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ensure_reference(test_npz: str, extractor_weights: str, path: str) -> str:
@@ -50,7 +51,7 @@ def ensure_reference(test_npz: str, extractor_weights: str, path: str) -> str:
     while the feature network's SHA-256 and the source file's SHA-256 match."""
     import numpy as np
 
-    from simflow.eval.features import sha256_file
+    from simflow.storage import sha256_file
     from simflow.eval.reference import compute_reference, open_image_set, write_reference
 
     ext = DemoFashionFeatures(extractor_weights)
@@ -228,9 +229,7 @@ def main(argv=None) -> int:
 
     def report():
         invocations[-1]["seconds"] = round(time.time() - t0, 1)
-        with open(run_log + ".tmp", "w") as f:
-            json.dump({"invocations": invocations}, f, indent=2)
-        os.replace(run_log + ".tmp", run_log)
+        storage.write_bytes(run_log, json.dumps({"invocations": invocations}, indent=2).encode())
         meta = {
             "command": "python tools/ablate.py " + " ".join(shlex.quote(a) for a in argv_list),
             "commit": ", ".join(dict.fromkeys(i["commit"] for i in invocations)),

@@ -23,14 +23,12 @@ import urllib.request
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from simflow.data.demo import PHOTO_SOURCES, load_photo  # noqa: E402
-from simflow.data.loader import Loader  # noqa: E402
-from simflow.data.shard_writer import write_shards  # noqa: E402
-from simflow.data.shards import ShardSource  # noqa: E402
+from simflow.data.demo import PHOTO_SOURCES, load_photo
+from simflow.data.loader import Loader
+from simflow.data.shard_writer import write_shards
+from simflow.data.shards import ShardSource
 
 RES = 256
 

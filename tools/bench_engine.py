@@ -32,7 +32,6 @@ import traceback
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 PEAK_BF16_FLOPS = 989e12
 

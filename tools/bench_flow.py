@@ -40,7 +40,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 SHAPES = {  # name: (tokens side, channels, width, default train batch, default sample batch)
     "T1": (8, 48, 128, 64, 16),

@@ -20,7 +20,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def run_case(config: str, batch: int, batches: int, cfg_scale, device_name: str, warmup: int = 1) -> dict:

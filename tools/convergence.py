@@ -35,8 +35,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from simflow import storage
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from simflow.runtime import code_version  # noqa: E402
 
@@ -133,9 +134,7 @@ def score_point(run: Dict[str, Any], step: int, args) -> Optional[Dict[str, Any]
     rec = {"run": run["name"], "variant": run["variant"], "seed": run["seed"], "step": step, "cfg_mode": args.cfg_mode,
            "num_samples": args.num_samples, "scores": scores, "train_wall_s": round(wall, 1),
            "score_s": round(time.time() - t0, 1), "note": NOTE}
-    with open(cache + ".tmp", "w") as f:
-        json.dump(rec, f, indent=2)
-    os.replace(cache + ".tmp", cache)
+    storage.write_bytes(cache, json.dumps(rec, indent=2).encode())
     return rec
 
 

@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 from typing import Any, Dict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from simflow.checkpoint import storage  # noqa: E402
-from simflow.checkpoint.store import CheckpointError, read_manifest, save_checkpoint  # noqa: E402
+from simflow import storage
+from simflow.checkpoint.store import CheckpointError, read_manifest, save_checkpoint
 
 OLD = "simflow-checkpoint/2"
 _TENSOR = "__tensor__"

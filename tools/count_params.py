@@ -7,16 +7,13 @@ Builds the model on the ``meta`` device (no memory, no initialisation), so XL is
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from simflow.config import load_config  # noqa: E402
-from simflow.models.discriminator import NLayerDiscriminator  # noqa: E402
-from simflow.models.simflow import SimFlowModel  # noqa: E402
+from simflow.config import load_config
+from simflow.models.discriminator import NLayerDiscriminator
+from simflow.models.simflow import SimFlowModel
 
 
 def count(module: torch.nn.Module) -> int:

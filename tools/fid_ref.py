@@ -19,13 +19,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from simflow.data.loader import DataError  # noqa: E402
-from simflow.runtime import resolve_device  # noqa: E402
-from simflow.eval.features import ImageFormatError, available_feature_extractors, build_feature_extractor  # noqa: E402
-from simflow.eval.npz import NpzError  # noqa: E402
-from simflow.eval.reference import compute_reference, open_image_set, write_reference  # noqa: E402
+from simflow.data.loader import DataError
+from simflow.eval.features import ImageFormatError, available_feature_extractors, build_feature_extractor
+from simflow.eval.npz import NpzError
+from simflow.eval.reference import compute_reference, open_image_set, write_reference
+from simflow.runtime import resolve_device
 
 
 def main(argv=None) -> int:

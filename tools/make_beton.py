@@ -10,10 +10,8 @@ DEST may be s3://bucket/key.beton (written locally, then uploaded; the loader st
 
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

@@ -10,12 +10,9 @@ class_names (10,). See simflow/data/demo.py.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from simflow.data.demo import FASHION_MNIST_DIR, SOURCES, DemoDataError, build_demo  # noqa: E402
+from simflow.data.demo import FASHION_MNIST_DIR, SOURCES, DemoDataError, build_demo
 
 
 def main(argv=None) -> int:

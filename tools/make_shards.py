@@ -12,12 +12,9 @@ simflow/data/shard_writer.py for the format.
 
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from simflow.data.shard_writer import write_shards  # noqa: E402
+from simflow.data.shard_writer import write_shards
 
 
 def main(argv=None) -> int:

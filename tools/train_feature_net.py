@@ -23,17 +23,16 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from simflow.eval.demo_features import (  # noqa: E402
+from simflow.eval.demo_features import (
     ACCURACY_THRESHOLD,
     DEFAULT_WEIGHTS,
     save_fashion_cnn,
     train_feature_net,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_splits(data_dir):

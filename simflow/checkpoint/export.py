@@ -5,7 +5,7 @@ The safetensors layout (https://github.com/huggingface/safetensors, "Format"): a
 (padded with spaces to a multiple of 8), then the raw little-endian tensor bytes in header order. Every shape is
 known before any tensor is gathered, so the header goes first and each tensor's bytes follow as soon as it has been
 gathered: the writer holds one full tensor at a time, never the whole model (a sharded engine gathers one parameter
-per step of the iterator). The file is written atomically (:func:`simflow.checkpoint.storage.open_atomic`) and read
+per step of the iterator). The file is written atomically (:func:`simflow.storage.open_atomic`) and read
 back with ``safetensors.safe_open`` to check the header; a non-finite value refuses the export (no file).
 """
 
@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
-from simflow.checkpoint import storage
+from simflow import storage
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}

@@ -47,7 +47,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from simflow.checkpoint import storage
+from simflow import storage
 from simflow.checkpoint.store import CheckpointError
 
 log = logging.getLogger("simflow")

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from simflow.checkpoint import storage
+from simflow import storage
 from simflow.checkpoint.store import (COMMON, CheckpointError, Group, _SingleGroup, commit, find_latest_with_report,
                                       prepare_step_dir, load_json, load_rank_state, read_manifest, rng_name,
                                       save_json, save_torch, step_dir, write_tensors, read_tensors)

@@ -1,6 +1,6 @@
 """Checkpoint step directories: DCP-sharded state written by every rank, manifest + commit marker last, discovery.
 
-Layout (local path or ``s3://bucket/prefix``, see :mod:`simflow.checkpoint.storage`), format ``simflow-checkpoint/3``::
+Layout (local path or ``s3://bucket/prefix``, see :mod:`simflow.storage`), format ``simflow-checkpoint/3``::
 
     <root>/step-0000100/
         __0_0.distcp ...          torch.distributed.checkpoint (DCP) data: each rank writes only the chunks it owns
@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from simflow.checkpoint import storage
+from simflow import storage
 
 log = logging.getLogger("simflow")
 
@@ -125,18 +125,9 @@ class _SingleGroup(Group):
 
 # ----------------------------------------------------------------------------------------------------------------
 # files: streamed hashing, JSON and RNG files
-def hash_file(location: str, chunk: int = 1 << 22) -> Dict[str, Any]:
-    """``{"bytes", "sha256"}`` of a file, read in ``chunk``-byte pieces (never whole in memory)."""
-    fs, path = storage.split(location)
-    h, n = hashlib.sha256(), 0
-    with fs.open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
-    return {"bytes": n, "sha256": h.hexdigest()}
+def hash_file(location: str) -> Dict[str, Any]:
+    """``{"bytes", "sha256"}`` of a file (a manifest record), the hash streamed (:func:`simflow.storage.sha256_file`)."""
+    return {"bytes": storage.size(location), "sha256": storage.sha256_file(location)}
 
 
 def check_file(location: str, expect: Dict[str, Any]) -> None:
@@ -340,7 +331,7 @@ def verify(d: str, deep: bool = True) -> Tuple[bool, str]:
             return False, f"missing file {name}"
         if n != info["bytes"]:
             return False, f"{name} has {n} bytes, manifest says {info['bytes']} (truncated?)"
-        if deep and hash_file(loc)["sha256"] != info["sha256"]:
+        if deep and storage.sha256_file(loc) != info["sha256"]:
             return False, f"{name} sha256 mismatch (corrupt)"
     return True, "ok"
 

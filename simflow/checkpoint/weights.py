@@ -15,7 +15,7 @@ training (``train.init_vae_from``). Two kinds of weights are accepted, both with
 The config (architecture) comes from a YAML file or a checkpoint manifest, plus ``key=value`` overrides; the
 weights must match it key for key and shape for shape, otherwise the error names the first mismatches.
 
-Both kinds are read through the checkpoint storage layer (:mod:`simflow.checkpoint.storage`), so a local path and an
+Both kinds are read through the checkpoint storage layer (:mod:`simflow.storage`), so a local path and an
 ``s3://bucket/...`` location work alike; from a checkpoint only the weights and EMA tensors are read (not the
 optimizer moments), and every file read is checked against the manifest's sha256.
 """
@@ -32,8 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
-from simflow.checkpoint import storage
-from simflow.checkpoint.store import (MANIFEST, MARKER, CheckpointError, find_latest, hash_file, list_steps,
+from simflow import storage
+from simflow.checkpoint.store import (MANIFEST, MARKER, CheckpointError, find_latest, list_steps,
                                       load_checkpoint, read_manifest)
 from simflow.config import ConfigError, SimFlowConfig, from_dict, load_config, validate
 
@@ -68,10 +68,6 @@ class WeightsSource:
     def describe(self) -> Dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "sha256": self.sha256, "ema": self.ema, "step": self.step,
                 "run_id": self.run_id, **self.extra}
-
-
-def _sha256(path: str) -> str:
-    return hash_file(path)["sha256"]
 
 
 def _where(path: str) -> str:
@@ -215,7 +211,7 @@ def load_state(weights: str, use_ema: bool = True) -> Tuple[Dict[str, torch.Tens
         )
     state, meta = _read_state_file(weights)
     step = meta.get("step")
-    src = WeightsSource(_where(weights), "export", _sha256(weights), True,
+    src = WeightsSource(_where(weights), "export", storage.sha256_file(weights), True,
                         int(step) if step is not None and str(step).lstrip("-").isdigit() else None, meta.get("run_id"))
     return state, src
 

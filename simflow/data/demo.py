@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from simflow import storage
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_APT = "dataset-fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -272,9 +274,8 @@ def build_demo(
                 per = max(1, min(per, limit // len(PHOTO_SOURCES)))
             data = load_photo_crops(split, per)
         path = os.path.join(out_dir, npz_name)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, source=np.array(source), **data)
-        os.replace(tmp, path)
+        with storage.open_atomic(path) as out:
+            np.savez(out.f, source=np.array(source), **data)
         paths.append(path)
     return paths[0], paths[1], source
 

@@ -29,9 +29,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from simflow import storage
+
 from .loader import DataError, Loader, SampleSource
 from .order import micro_batch_positions
-from .shards import StagedStore, is_s3, open_store, s3_filesystem, sha256_file
+from .shards import StagedStore, is_s3, open_store, s3_filesystem
 from .sources import ImageSource, open_image_source
 from .transforms import to_model_input
 
@@ -141,7 +143,7 @@ def write_beton(src: str, dest: str, resolution: Optional[int] = None, write_mod
         "resolution": resolution,
         "write_mode": write_mode,
         "source": source.description,
-        "sha256": sha256_file(local),
+        "sha256": storage.sha256_file(local),
         "skipped_sources": skipped,
     }
     with open(local + ".json", "w") as fh:

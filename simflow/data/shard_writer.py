@@ -29,7 +29,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from .shards import INDEX_FORMAT, INDEX_NAME, is_s3, s3_filesystem, sha256_file
+from simflow import storage
+
+from .shards import INDEX_FORMAT, INDEX_NAME, is_s3, s3_filesystem
 from .sources import ImageSource, open_image_source
 
 log = logging.getLogger(__name__)
@@ -98,13 +100,7 @@ class _Dest:
         return self.fs.exists(self.path(name)) if self.fs else os.path.isfile(self.path(name))
 
     def sha256(self, name: str) -> str:
-        if self.fs is None:
-            return sha256_file(self.path(name))
-        h = hashlib.sha256()
-        with self.fs.open(self.path(name), "rb", block_size=8 << 20) as f:
-            for chunk in iter(lambda: f.read(8 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return storage.sha256_file(self.path(name), self.fs)
 
     def read_text(self, name: str) -> Optional[str]:
         if not self.exists(name):
@@ -118,16 +114,13 @@ class _Dest:
         if self.fs:
             self.fs.put_file(local, self.path(name))
         else:
-            os.replace(local, self.path(name))
+            storage.rename_durably(local, self.path(name))
 
     def write_text(self, name: str, text: str) -> None:
         if self.fs:
             self.fs.pipe_file(self.path(name), text.encode())
         else:
-            tmp = self.path(name) + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, self.path(name))
+            storage.write_bytes(self.path(name), text.encode())
 
 
 def write_shards(src: str, dest: str, samples_per_shard: int = 1000, resolution: Optional[int] = None,
@@ -220,7 +213,7 @@ def write_shards(src: str, dest: str, samples_per_shard: int = 1000, resolution:
                 "name": name,
                 "num_samples": len(keys),
                 "bytes": os.path.getsize(tmp),
-                "sha256": sha256_file(tmp),
+                "sha256": storage.sha256_file(tmp),
                 "keys_sha256": keys_sha,
                 "skipped_sources": skipped,
                 "offsets": offsets,

@@ -42,8 +42,8 @@ index, a missing shard, fewer shards than ``dp_size x max(1, num_workers)``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -54,12 +54,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+from simflow import storage
 
 from .loader import DataError, SampleSource
 from .transforms import center_crop
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "simflow-wds-1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-SOURCE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _TAR_MTIME = 0.0  # fixed member mtime: the same source gives byte-identical shards
 
 
@@ -125,7 +125,7 @@ def s3_filesystem(endpoint: Optional[str] = None, timeout_s: float = 60.0):
 
     Endpoint: ``endpoint`` if given, else botocore's standard resolution (``AWS_ENDPOINT_URL``...). Credentials come
     from the standard AWS environment/config chain only. botocore's own retries and s3fs's retry loop are limited to
-    one attempt so that :func:`with_retries` alone bounds the total wait (about ``(data.retries + 1)`` x
+    one attempt so that :func:`simflow.storage.retry` alone bounds the total wait (about ``(data.retries + 1)`` x
     ``data.timeout_s`` per request, plus back-off).
     """
     import s3fs
@@ -136,45 +136,8 @@ def s3_filesystem(endpoint: Optional[str] = None, timeout_s: float = 60.0):
         config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 1}},
         skip_instance_cache=True,
     )
-    fs.retries = 1  # s3fs's own retry loop (5 by default, with sleeps) off: with_retries bounds the total
+    fs.retries = 1  # s3fs's own retry loop (5 by default, with sleeps) off: storage.retry bounds the total
     return fs
-
-
-def register_s3_opener(endpoint: Optional[str] = None, timeout_s: float = 60.0) -> None:
-    """Teach ``webdataset.gopen`` the ``s3://`` scheme (webdataset 1.0.2 has none), backed by s3fs.
-
-    After this, plain WebDataset pipelines such as ``webdataset.WebDataset("s3://bucket/prefix/shard-000000.tar")``
-    stream from S3 with the same endpoint/credential rules as the SimFlow loader.
-    """
-    import importlib
-
-    wg = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function of that name)
-
-    def gopen_s3(url, mode="rb", bufsize=8192, **kw):
-        fs = s3_filesystem(endpoint, timeout_s)
-        return fs.open(url, mode, block_size=max(bufsize, 8 << 20))
-
-    wg.gopen_schemes["s3"] = gopen_s3
-
-
-def with_retries(fn: Callable[[], Any], what: str, retries: int, fatal: bool = False) -> Any:
-    """Call ``fn`` up to ``retries + 1`` times with exponential back-off (0.05 s, 0.1 s, ... capped at 2 s).
-
-    Returns ``fn()``'s result, or None after the last failure (``fatal=False``); with ``fatal=True`` the last error is
-    raised as :class:`DataError` naming ``what``.
-    """
-    last: Optional[BaseException] = None
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - any I/O error is retried, then skipped or reported
-            last = e
-            if attempt < retries:
-                time.sleep(min(2.0, 0.05 * 2**attempt))
-    if fatal:
-        raise DataError(f"{what}: {type(last).__name__}: {last}") from None
-    log.warning("data: giving up on %s after %d attempts: %s: %s", what, retries + 1, type(last).__name__, last)
-    return None
 
 
 class Store:
@@ -269,9 +232,10 @@ class PipeStore(Store):
         check_shard_name(name, f"data.path={self.root!r}")
         return [w.replace("{name}", name) for w in self.argv]
 
-    def fetch_to(self, name: str, dest: str) -> None:
+    def fetch_to(self, name: str, dest: Union[str, IO[bytes]]) -> None:
+        """Run the command for shard ``name`` with its stdout into ``dest`` (a path, or an open binary file)."""
         argv = self.command(name)
-        with open(dest, "wb") as f:
+        with open(dest, "wb") if isinstance(dest, str) else contextlib.nullcontext(dest) as f:
             proc = subprocess.run(argv, shell=False, stdout=f, stderr=subprocess.PIPE, timeout=self.timeout_s)
         if proc.returncode != 0:
             raise OSError(f"`{shlex.join(argv)}` exited with status {proc.returncode}: "
@@ -330,21 +294,20 @@ class StagedStore(Store):
                     return dest
 
                 def fetch() -> str:
-                    tmp = f"{dest}.part{os.getpid()}"
-                    if isinstance(self.inner, PipeStore):
-                        self.inner.fetch_to(name, tmp)
-                    else:
-                        with open(tmp, "wb") as f:
-                            f.write(self.inner.read_file(name))
-                    digest = sha256_file(tmp)
-                    want = self.sha256.get(name)
-                    if want and digest != want:
-                        os.unlink(tmp)
-                        raise OSError(f"{self.inner.url(name)}: sha256 {digest} does not match the index ({want})")
-                    os.replace(tmp, dest)
+                    with storage.open_atomic(dest) as w:  # a failed or mismatching copy leaves no file behind
+                        if isinstance(self.inner, PipeStore):
+                            self.inner.fetch_to(name, w.f)
+                            w.f.flush()
+                            digest = storage.sha256_file(w.f.name)
+                        else:
+                            w.write(self.inner.read_file(name))
+                            digest = w.sha256.hexdigest()
+                        want = self.sha256.get(name)
+                        if want and digest != want:
+                            raise OSError(f"{self.inner.url(name)}: sha256 {digest} does not match the index ({want})")
                     return dest
 
-                return with_retries(fetch, f"staging {self.inner.url(name)}", self.retries, fatal=True)
+                return storage.retry(fetch, f"staging {self.inner.url(name)}", self.retries, error=DataError)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -416,7 +379,7 @@ def check_data_path(source: str, path: str, endpoint: Optional[str] = None, time
         loc = path if source != "shards" else f"{index_root(path).rstrip('/')}/{INDEX_NAME}"
         fs = s3_filesystem(endpoint, timeout_s)
         try:
-            found = with_retries(lambda: fs.exists(loc), f"checking {loc}", retries, fatal=True)
+            found = storage.retry(lambda: fs.exists(loc), f"checking {loc}", retries, error=DataError)
         except DataError as e:
             raise DataError(f"data.path={path!r}: cannot reach {loc}: {e}") from None
         if not found:
@@ -457,14 +420,6 @@ def check_index_names(doc: Any, where: str) -> List[str]:
         seen.add(name)
         names.append(name)
     return names
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ============================================================================================================
@@ -542,7 +497,7 @@ def load_index(store: Store, retries: int = 3) -> ShardIndex:
     def read() -> bytes:
         return store.read_file(INDEX_NAME)
 
-    raw = with_retries(read, f"shard index {where}", retries, fatal=True)
+    raw = storage.retry(read, f"shard index {where}", retries, error=DataError)
     try:
         doc = json.loads(raw)
     except ValueError as e:
@@ -675,34 +630,38 @@ class ShardSource(SampleSource):
             )
 
     def _fetch(self, ids: np.ndarray) -> List[Optional[bytes]]:
+        """The bytes of each sample in ``ids`` (None where unreadable after ``retries`` extra attempts, counted in
+        :attr:`skip_reasons`); each retry re-reads only the samples that failed."""
         names = [self.index.names[s] for s in self.index.shard_of[ids]]
         starts = self.index.offsets[ids].tolist()
         lengths = self.index.lengths[ids].tolist()
         out: List[Optional[bytes]] = [None] * len(ids)
-        todo = list(range(len(ids)))
-        for attempt in range(self.retries + 1):
-            if not todo:
-                break
-            if attempt:
-                time.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)))
+        failed: Dict[int, Any] = {i: None for i in range(len(ids))}  # item -> its last result (error or short read)
+
+        def read_failed() -> None:
+            todo = list(failed)
             if isinstance(self.store, FsspecStore) and is_s3(self.store.root):
                 got = self.store.read_ranges([names[i] for i in todo], [starts[i] for i in todo], [lengths[i] for i in todo])
             else:
                 with cf.ThreadPoolExecutor(min(self.io_threads, len(todo))) as pool:
                     got = list(pool.map(lambda i: self.store.read_ranges([names[i]], [starts[i]], [lengths[i]])[0], todo))
-            retry = []
             for i, data in zip(todo, got):
                 if isinstance(data, (bytes, bytearray)) and len(data) == lengths[i]:
                     out[i] = bytes(data)
+                    del failed[i]
                 else:
-                    retry.append(i)
-                    if attempt == self.retries:
-                        why = f"{type(data).__name__}: {data}" if isinstance(data, BaseException) else \
-                            f"short read ({len(data)} of {lengths[i]} bytes)"
-                        log.warning("data: %s sample %d unreadable after %d attempts: %s",
-                                    self.store.url(names[i]), int(ids[i]), attempt + 1, why)
-                        self._count("read error" if isinstance(data, BaseException) else "truncated")
-            todo = retry
+                    failed[i] = data
+            if failed:
+                raise OSError(f"{len(failed)} of {len(ids)} sample reads failed")
+
+        if failed:
+            storage.retry(read_failed, f"reading samples from {self.url}", self.retries)
+        for i, data in failed.items():
+            short = isinstance(data, (bytes, bytearray))
+            why = f"short read ({len(data)} of {lengths[i]} bytes)" if short else f"{type(data).__name__}: {data}"
+            log.warning("data: %s sample %d unreadable after %d attempts: %s",
+                        self.store.url(names[i]), int(ids[i]), self.retries + 1, why)
+            self._count("truncated" if short else "read error")
         return out
 
     def _count(self, reason: str) -> None:
@@ -747,8 +706,5 @@ __all__ = [
     "load_index",
     "decode_sample",
     "parse_sample_bytes",
-    "register_s3_opener",
     "s3_filesystem",
-    "sha256_file",
-    "with_retries",
 ]

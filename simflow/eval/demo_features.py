@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from simflow.eval.features import FeatureExtractor, WeightsNotFoundError, register_feature_extractor
+from simflow import storage
+from simflow.eval.features import FeatureExtractor, WeightsNotFoundError
 
 DEMO_KIND = "demo_fashion_cnn"
 DEMO_LABEL = "demo-FID (Fashion-MNIST CNN features; NOT Inception FID, not comparable with papers)"
@@ -82,11 +83,6 @@ class FashionCNN(nn.Module):
         self.stage3 = stage(2 * width, 4 * width)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(4 * width, num_classes)
-
-    @property
-    def feature_dim(self) -> int:
-        """Dimension D of the ``pool`` features (``4 * width``)."""
-        return 4 * self.width
 
     @staticmethod
     def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -245,20 +241,14 @@ def save_fashion_cnn(model: FashionCNN, path: str, record: Optional[Dict[str, An
     """Write the network as safetensors (state dict incl. BatchNorm statistics) with metadata; returns its SHA-256.
 
     Metadata: ``format`` (:data:`WEIGHTS_FORMAT`), ``width``, ``num_classes`` and every entry of ``record`` as a
-    JSON string under ``record``. The file is written to a temporary name and renamed.
+    JSON string under ``record``. The file is written atomically (:func:`simflow.storage.write_bytes`).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from simflow.eval.features import sha256_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     meta = {"format": WEIGHTS_FORMAT, "width": str(model.width), "num_classes": str(model.num_classes),
             "record": json.dumps(record or {}, sort_keys=True)}
-    tmp = path + ".tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return sha256_file(path)
+    data = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, metadata=meta)
+    return storage.write_bytes(path, data)
 
 
 def load_fashion_cnn(path: str) -> Tuple[FashionCNN, Dict[str, Any]]:
@@ -329,9 +319,6 @@ class DemoFashionFeatures(FeatureExtractor):
         pool, logits = self.net(images)
         return {"pool": pool, "logits": logits}
 
-
-register_feature_extractor(DEMO_KIND, DemoFashionFeatures)
-register_feature_extractor("demo", DemoFashionFeatures)  # short alias for the command line
 
 __all__ = [
     "DEMO_KIND",

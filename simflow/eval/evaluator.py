@@ -30,13 +30,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from simflow.eval.features import (
-    FeatureExtractor,
-    ImageFormatError,
-    available_feature_extractors,
-    build_feature_extractor,
-    sha256_file,
-)
+from simflow import storage
+from simflow.cli import UsageError, eval_parent_parser, resolve_extractor, write_result
+from simflow.eval.features import FeatureExtractor, ImageFormatError, build_feature_extractor
 from simflow.eval.metrics import FD_METHODS, feature_statistics, frechet_distance, inception_score, precision_recall
 from simflow.eval.npz import NpzArray, NpzError, check_npz_images, npz_keys
 from simflow.runtime import resolve_device
@@ -105,7 +101,7 @@ def load_reference(path: str, ref_resolution: Optional[int] = None, expected_sha
         ReferenceError: no statistics and no images, unknown resolution, inconsistent entries, or SHA-256 mismatch.
     """
     keys = npz_keys(path)
-    digest = sha256_file(path)
+    digest = storage.sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
         raise ReferenceError(f"{path}: SHA-256 is {digest}, expected {expected_sha256}")
     images = NpzArray(path, "arr_0") if "arr_0" in keys else None
@@ -297,7 +293,7 @@ def evaluate(
     out["samples"] = {
         "path": os.path.abspath(samples.path),
         "key": samples.key,
-        "sha256": sha256_file(samples.path),
+        "sha256": storage.sha256_file(samples.path),
         "num_images": n,
         "num_images_in_file": len(samples),
         "resolution": list(samples.shape[1:3]),
@@ -322,54 +318,43 @@ def evaluate(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m simflow.fid",
+        parents=[eval_parent_parser()],
         description="FID, sFID, Inception Score, precision and recall of an ADM-format sample batch against a "
         "reference batch (ADM evaluator conventions, torch-fidelity's TF-ported InceptionV3).",
     )
     p.add_argument("samples", help="sample batch .npz with arr_0 uint8 (N, H, W, 3)")
     p.add_argument("--ref", default=None, help="reference batch .npz (arr_0 and/or mu, sigma, mu_s, sigma_s)")
-    p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights (.pth), never downloaded")
-    p.add_argument("--extractor", default=None, help=f"feature network (registered: {list(available_feature_extractors())})")
-    p.add_argument("--extractor-weights", default=None, help="weights of a non-Inception --extractor")
     p.add_argument("--config", default=None, help="YAML config whose eval.* section supplies defaults")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--metrics", default=",".join(METRICS), help="comma list of fid,sfid,is,pr")
     p.add_argument("--num-samples", type=int, default=None, help="use only the first N samples")
     p.add_argument("--is-split-size", type=int, default=None, help="Inception Score split size (ADM: 5000)")
     p.add_argument("--pr-k", type=int, default=None, help="k of the k-NN manifold for precision/recall (ADM: 3)")
-    p.add_argument("--fd-method", choices=FD_METHODS, default=None, help="matrix square root: sqrtm (ADM) or eigh")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--ref-resolution", type=int, default=None, help="reference side length, for stats-only files")
     p.add_argument("--ref-sha256", default=None, help="expected SHA-256 of the reference file")
-    p.add_argument("--out", default=None, help="write the result JSON here (default: print only)")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m simflow.fid SAMPLES.npz --ref REF.npz --inception-weights PATH [--out metrics.json]``."""
-    args = build_parser().parse_args(argv)
-    from simflow.config import EvalConfig, load_config
+    """``python -m simflow.fid SAMPLES.npz --ref REF.npz --inception-weights PATH [--out metrics.json]``.
 
-    ecfg = load_config(args.config).eval if args.config else EvalConfig()
-    kind = args.extractor or ecfg.feature_extractor
-    ref_path = args.ref or ecfg.reference
-    if not ref_path:
-        raise SystemExit("error: no reference batch: pass --ref REF.npz (or set eval.reference in --config)")
-    if kind == "inception":
-        weights = args.inception_weights or ecfg.inception_weights
-        flag = "--inception-weights"
-    else:
-        weights = args.extractor_weights or ecfg.extractor_weights
-        flag = "--extractor-weights"
-    if not weights:
-        raise SystemExit(f"error: no weights for feature extractor {kind!r}: pass {flag} PATH")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    batch_size = args.batch_size or ecfg.batch_size
-    for name, v in (("--batch-size", batch_size), ("--is-split-size", args.is_split_size or ecfg.is_split_size),
-                    ("--pr-k", args.pr_k or ecfg.pr_k)):
-        if v < 1:
-            raise SystemExit(f"error: {name} must be >= 1; got {v}")
+    Returns 0, or 2 with ``error: ...`` on stderr for bad input (a flag, a file or a config value, named).
+    """
+    args = build_parser().parse_args(argv)
+    from simflow.config import ConfigError, EvalConfig, load_config
+
     try:
+        ecfg = load_config(args.config).eval if args.config else EvalConfig()
+        ref_path = args.ref or ecfg.reference
+        if not ref_path:
+            raise UsageError("no reference batch: pass --ref REF.npz (or set eval.reference in --config)")
+        kind, weights = resolve_extractor(args, ecfg)
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        batch_size = args.batch_size or ecfg.batch_size
+        for name, v in (("--batch-size", batch_size), ("--is-split-size", args.is_split_size or ecfg.is_split_size),
+                        ("--pr-k", args.pr_k or ecfg.pr_k)):
+            if v < 1:
+                raise UsageError(f"{name} must be >= 1; got {v}")
         samples = open_samples(args.samples)
         ref = load_reference(ref_path, args.ref_resolution, args.ref_sha256)
         check_compatible(samples, ref)
@@ -391,16 +376,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             fd_method=args.fd_method or ecfg.fd_method,
             progress=not args.no_progress,
         )
-    except (NpzError, ImageFormatError, ReferenceError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, NpzError, ImageFormatError, ReferenceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+    write_result(result, args.out)
     summary = {k: v for k, v in result.items() if isinstance(v, float)}
     print(json.dumps({"label": result["label"], **summary, "skipped": result["skipped"]}, indent=2))
     return 0

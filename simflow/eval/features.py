@@ -11,8 +11,10 @@ Implementations:
 
 * :class:`InceptionV3Features` (``"inception"``): torch-fidelity's port of the TensorFlow 2015-12-05 InceptionV3
   graph that ADM, TTUR and the papers use, loaded from a weights file the user gives (never downloaded).
-* Other networks (issue 8's Fashion-MNIST classifier, reported as "demo-FID") subclass :class:`FeatureExtractor`
-  and call :func:`register_feature_extractor`; ``python -m simflow.fid --extractor NAME`` then finds them. Each
+* Other networks subclass :class:`FeatureExtractor` and are named in the registry (:func:`register_feature_extractor`,
+  a factory or a lazy ``"package.module:Factory"`` string); ``python -m simflow.fid --extractor NAME`` then finds
+  them. Issue 8's Fashion-MNIST classifier (reported as "demo-FID") is registered that way as ``"demo"`` /
+  ``"demo_fashion_cnn"``: its module is imported only when one of those names is built. Each
   extractor carries a ``metric_prefix`` (``""`` for Inception, e.g. ``"demo_"`` otherwise) that prefixes every metric
   key it produces, so demo numbers cannot be mistaken for Inception FIDs.
 
@@ -24,17 +26,17 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
 import importlib
 import os
 import sys
-import tempfile
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from simflow import storage
 
 FEATURE_NAMES = ("pool", "logits", "spatial")
 QUANTISATION_HINT = (
@@ -49,15 +51,6 @@ class ImageFormatError(ValueError):
 
 class WeightsNotFoundError(FileNotFoundError):
     """A feature network's weights file is missing. The message names the file and what it should contain."""
-
-
-def sha256_file(path: str, chunk_bytes: int = 1 << 22) -> str:
-    """Hex SHA-256 digest of a file, read in ``chunk_bytes`` chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_images(images: np.ndarray, what: str = "images", check_range: bool = True) -> None:
@@ -126,7 +119,7 @@ class FeatureExtractor(abc.ABC):
 
     def __init__(self, weights_path: str, device: Union[str, torch.device] = "cpu"):
         self.weights_path = os.path.abspath(weights_path)
-        self.weights_sha256 = sha256_file(weights_path)
+        self.weights_sha256 = storage.sha256_file(weights_path)
         self.device = torch.device(device)
 
     @abc.abstractmethod
@@ -323,61 +316,28 @@ class InceptionV3Features(FeatureExtractor):
         return {"pool": pool, "logits": logits, "spatial": spatial}
 
 
-def write_random_inception_weights(path: str, seed: int = 0) -> str:
-    """Save a *randomly initialised* torch-fidelity InceptionV3 state dict to ``path`` (tests and offline demos).
-
-    Features from these weights exercise the real loading and extraction code but say nothing about image quality.
-    The module is built offline (torch-fidelity's constructor would otherwise download weights), then convolutions
-    get He-normal weights and batch norms random affine parameters and running statistics, so activations keep a
-    useful scale through all 48 layers.
-
-    Args:
-        path: output file (``torch.save`` of the state dict).
-        seed: RNG seed; the same seed gives the same file contents.
-
-    Returns:
-        ``path``.
-    """
-    cls = _inception_class()
-
-    class _Unloaded(cls):  # keep the constructor's fresh initialisation instead of loading a file
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D401 - torch signature
-            if state_dict:
-                raise ValueError("_Unloaded only accepts the empty placeholder state dict")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = os.path.join(tmp, "empty.pt")
-        torch.save({}, empty)
-        net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            m.weight.data = torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5
-        elif isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.weight.data = 1.0 + 0.1 * torch.randn(c, generator=g)
-            m.bias.data = 0.1 * torch.randn(c, generator=g)
-            m.running_mean.data = 0.1 * torch.randn(c, generator=g)
-            m.running_var.data = 1.0 + 0.1 * torch.rand(c, generator=g)
-        elif isinstance(m, nn.Linear):
-            m.weight.data = torch.randn(m.weight.shape, generator=g) / m.in_features**0.5
-            m.bias.data = 0.1 * torch.randn(m.out_features, generator=g)
-    torch.save(net.state_dict(), path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # registry
 # ------------------------------------------------------------------------------------------------------------------
 ExtractorFactory = Callable[..., FeatureExtractor]
-_REGISTRY: Dict[str, ExtractorFactory] = {"inception": InceptionV3Features}
+_DEMO = "simflow.eval.demo_features:DemoFashionFeatures"  # imported on first use, never by `import simflow.eval`
+_REGISTRY: Dict[str, Union[ExtractorFactory, str]] = {"inception": InceptionV3Features, "demo": _DEMO,
+                                                      "demo_fashion_cnn": _DEMO}
 
 
-def register_feature_extractor(kind: str, factory: ExtractorFactory) -> None:
+def register_feature_extractor(kind: str, factory: Union[ExtractorFactory, str]) -> None:
     """Make ``factory(weights_path, device=...)`` available as ``build_feature_extractor(kind, ...)`` and
-    ``python -m simflow.fid --extractor kind``. Re-registering a name replaces it."""
+    ``python -m simflow.fid --extractor kind``. ``factory`` may be a ``"package.module:Factory"`` string, imported
+    only when ``kind`` is built. Re-registering a name replaces it."""
     _REGISTRY[kind] = factory
+
+
+def _import_factory(kind: str, spec: str) -> ExtractorFactory:
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"feature extractor {kind!r}: cannot import {attr!r} from {module!r} ({e})") from None
 
 
 def available_feature_extractors() -> Sequence[str]:
@@ -398,19 +358,15 @@ def build_feature_extractor(kind: str, weights_path: str, device: Union[str, tor
         ValueError: unknown kind (the message lists the registered ones).
         WeightsNotFoundError: missing weights file.
     """
-    if kind not in _REGISTRY and ":" in kind:  # "package.module:Factory" -> import it (registers on import too)
-        module, _, attr = kind.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"feature extractor {kind!r}: cannot import {attr!r} from {module!r} ({e})") from None
-        return factory(weights_path, device=device)
-    if kind not in _REGISTRY:
+    factory = _REGISTRY.get(kind, kind if ":" in kind else None)  # an unregistered "package.module:Factory" too
+    if factory is None:
         raise ValueError(
             f"unknown feature extractor {kind!r}; registered: {list(available_feature_extractors())} "
             f"(or give 'package.module:FactoryName')"
         )
-    return _REGISTRY[kind](weights_path, device=device)
+    if isinstance(factory, str):
+        factory = _import_factory(kind, factory)
+    return factory(weights_path, device=device)
 
 
 __all__ = [
@@ -422,9 +378,7 @@ __all__ = [
     "INCEPTION_WEIGHTS_HELP",
     "SFID_MODULE",
     "check_images",
-    "sha256_file",
     "load_inception_v3",
-    "write_random_inception_weights",
     "register_feature_extractor",
     "available_feature_extractors",
     "build_feature_extractor",

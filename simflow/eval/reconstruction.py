@@ -22,9 +22,7 @@ The VAE weights are the ones in the weights file (raw VAE + EMA flow for exports
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from simflow.cli import eval_parent_parser, resolve_extractor, write_result
 from simflow.data.transforms import to_model_input
 from simflow.eval.features import FeatureExtractor, check_images
 from simflow.eval.metrics import FD_METHODS, feature_statistics, frechet_distance
@@ -203,7 +202,7 @@ def evaluate_reconstruction(
 # ------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m simflow.eval.reconstruction", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, parents=[eval_parent_parser()])
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.add_argument("--weights", required=True, help="exported weights (.safetensors) or a checkpoint directory")
     p.add_argument("--config", default=None, help="training config YAML or checkpoint directory")
@@ -214,15 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", action="store_true",
                    help="ADM centre-crop images to model.resolution (default: their size must equal it)")
     p.add_argument("--metrics", default="psnr,rfid", help="comma list of psnr,rfid")
-    p.add_argument("--inception-weights", default=None, help="local InceptionV3 weights for rFID (never downloaded)")
-    p.add_argument("--extractor", default=None, help="feature network for rFID (default: eval.feature_extractor)")
-    p.add_argument("--extractor-weights", default=None, help="weights of a non-Inception --extractor")
     p.add_argument("--latent-noise", type=float, default=0.0, help="decode mu + s*eps (default 0: decode mu)")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--fd-method", choices=FD_METHODS, default=None)
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: eval.device)")
-    p.add_argument("--out", default=None, help="write the result JSON here")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -254,18 +246,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{args.data}: images are {images.resolution[0]}x{images.resolution[1]} but the VAE was trained at "
                 f"model.resolution={res}; pass --crop to ADM centre-crop them, or use a held-out set at {res} px"
             )
+        device = resolve_device(args.device or cfg.eval.device)
         extractor = None
         if "rfid" in metrics:
-            kind = args.extractor or cfg.eval.feature_extractor
-            weights = (args.inception_weights or cfg.eval.inception_weights) if kind == "inception" else (
-                args.extractor_weights or cfg.eval.extractor_weights)
-            if not weights:
-                flag = "--inception-weights" if kind == "inception" else "--extractor-weights"
-                raise ValueError(f"rFID needs {kind} weights: pass {flag} PATH (or --metrics psnr)")
-            device = resolve_device(args.device or cfg.eval.device)
+            kind, weights = resolve_extractor(args, cfg.eval, "rFID", hint=", or --metrics psnr")
             extractor = build_feature_extractor(kind, weights, device=device)
-        else:
-            device = resolve_device(args.device or cfg.eval.device)
         model, source = load_generator(args.weights, cfg, device)
         result = evaluate_reconstruction(
             model.vae, images, extractor, args.batch_size, device, autocast_dtype(cfg, device), args.latent_noise,
@@ -276,14 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     result.update(data=images.description, data_sha256=images.sha256, resolution=res, weights=source.describe(),
                   vae_weights="ema" if cfg.train.ema_vae else "raw")
-    text = json.dumps(result, indent=2)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
-    print(text)
+    print(write_result(result, args.out))
     return 0
 
 

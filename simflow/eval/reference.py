@@ -23,7 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from simflow.eval.features import FeatureExtractor, sha256_file
+from simflow import storage
+from simflow.eval.features import FeatureExtractor
 from simflow.eval.metrics import feature_statistics
 from simflow.eval.npz import NpzArray, check_npz_images, npz_keys
 
@@ -72,7 +73,7 @@ class NpzImageSet(ImageSet):
         self.crop = resolution if resolution and tuple(self.array.shape[1:3]) != (resolution, resolution) else None
         self.resolution = (self.crop, self.crop) if self.crop else tuple(self.array.shape[1:3])
         self.description = f"npz {os.path.abspath(path)}['{key}']"
-        self.sha256 = sha256_file(path)
+        self.sha256 = storage.sha256_file(path)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         for b in self.array.iter_batches(batch_size, limit=self.limit):
@@ -174,13 +175,11 @@ def compute_reference(
 
 
 def write_reference(path: str, arrays: Dict[str, Any]) -> str:
-    """Write ``arrays`` as an uncompressed ``.npz`` atomically (temp file + rename); returns its SHA-256."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-    return sha256_file(path)
+    """Write ``arrays`` as an uncompressed ``.npz`` atomically (:func:`simflow.storage.open_atomic`); returns its
+    SHA-256 (streamed, after the write: ``np.savez`` seeks back into the zip, so no running hash)."""
+    with storage.open_atomic(path) as out:
+        np.savez(out.f, **arrays)
+    return storage.sha256_file(path)
 
 
 __all__ = ["ImageSet", "NpzImageSet", "ShardImageSet", "open_image_set", "compute_reference", "write_reference"]

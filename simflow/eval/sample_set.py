@@ -41,12 +41,13 @@ import sys
 import time
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from simflow import storage
 from simflow.config import ConfigError, SimFlowConfig
 from simflow.runtime import code_version, detect_dist_env
 from simflow.sampling import sample_images, sample_labels, to_uint8
@@ -184,22 +185,8 @@ def part_paths(out_dir: str, start: int, stop: int) -> Tuple[str, str]:
 # ------------------------------------------------------------------------------------------------------------------
 # files
 # ------------------------------------------------------------------------------------------------------------------
-def _tmp_name(path: str) -> str:
-    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-
-
-def _fsync_replace(tmp: str, path: str) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(obj: Dict[str, Any], path: str) -> None:
-    tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    _fsync_replace(tmp, path)
+def _write_json(obj: Dict[str, Any], path: str) -> None:
+    storage.write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -213,9 +200,11 @@ class NpzStreamWriter:
     set (9.8 GB) is packed without holding it.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, f: IO[bytes], path: str):
+        """``f``: the open binary file to write (e.g. :func:`simflow.storage.open_atomic`'s ``.f``); ``path``: its
+        name in messages."""
         self.path = path
-        self._zf = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._zf = zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
 
     def add(self, name: str, array: np.ndarray) -> None:
         """Store a whole in-memory array as ``name``."""
@@ -253,16 +242,11 @@ class NpzStreamWriter:
 
 
 def _write_part_npz(path: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> Tuple[int, str]:
-    tmp = _tmp_name(path)
-    with NpzStreamWriter(tmp) as w:
+    with storage.open_atomic(path) as out, NpzStreamWriter(out.f, path) as w:
         w.add("arr_0", images)
         w.add("labels", labels.astype(np.int64))
         w.add("indices", indices.astype(np.int64))
-    with open(tmp, "rb") as f:
-        digest = _sha256_bytes(f.read())
-    size = os.path.getsize(tmp)
-    _fsync_replace(tmp, path)
-    return size, digest
+    return os.path.getsize(path), storage.sha256_file(path)
 
 
 def settings_sha256(settings: Dict[str, Any]) -> str:
@@ -346,10 +330,8 @@ def check_part(out_dir: str, start: int, stop: int, settings_digest: Optional[st
     size = os.path.getsize(npz)
     if size != rec.get("bytes"):
         return "corrupt", f"{npz}: {size} bytes, record says {rec.get('bytes')} (truncated?)"
-    if verify_hash:
-        with open(npz, "rb") as f:
-            if _sha256_bytes(f.read()) != rec.get("sha256"):
-                return "corrupt", f"{npz}: SHA-256 differs from its record"
+    if verify_hash and storage.sha256_file(npz) != rec.get("sha256"):
+        return "corrupt", f"{npz}: SHA-256 differs from its record"
     return "ok", "finished"
 
 
@@ -432,12 +414,12 @@ def write_part(out_dir: str, start: int, stop: int, images: np.ndarray, labels: 
     rec = {"format": PART_FORMAT, "start": start, "stop": stop, "count": n, "file": os.path.basename(npz),
            "bytes": size, "sha256": digest, "settings_sha256": settings_sha256(settings), "settings": settings,
            **(meta or {})}
-    _atomic_write_json(rec, rec_path)
+    _write_json(rec, rec_path)
     return rec
 
 
 def _remove_stale_tmp(out_dir: str, start: int, stop: int) -> None:
-    for path in glob.glob(os.path.join(out_dir, PARTS_DIR, part_stem(start, stop) + ".*.tmp.*")):
+    for path in glob.glob(os.path.join(out_dir, PARTS_DIR, part_stem(start, stop) + ".*.tmp-*")):
         try:
             os.remove(path)
         except OSError:
@@ -614,7 +596,6 @@ def pack(out_dir: str, settings: Optional[Dict[str, Any]] = None, progress: bool
             f"python -m simflow.sample with the same settings (finished ranges are skipped)"
         )
     out_npz = os.path.join(out_dir, SAMPLES_NPZ)
-    tmp = _tmp_name(out_npz)
     labels_all: List[np.ndarray] = []
     bar = tqdm(total=n, unit="img", desc="pack", disable=not progress, file=sys.stderr)
 
@@ -625,26 +606,17 @@ def pack(out_dir: str, settings: Optional[Dict[str, Any]] = None, progress: bool
             bar.update(len(images))
             yield images
 
-    try:
-        with bar, NpzStreamWriter(tmp) as w:
-            w.add_stream("arr_0", (n, res, res, 3), np.uint8, chunks())
-            w.add("labels", np.concatenate(labels_all))
-        with open(tmp, "rb") as f:
-            h = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        size = os.path.getsize(tmp)
-        _fsync_replace(tmp, out_npz)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with bar, storage.open_atomic(out_npz) as out, NpzStreamWriter(out.f, out_npz) as w:
+        w.add_stream("arr_0", (n, res, res, 3), np.uint8, chunks())
+        w.add("labels", np.concatenate(labels_all))
+    npz_sha256, size = storage.sha256_file(out_npz), os.path.getsize(out_npz)
     recs = list(records.values())
     labels = np.concatenate(labels_all)
     source = recs[0].get("source") or {}
     sidecar = {
         "format": SET_FORMAT,
         "samples": SAMPLES_NPZ,
-        "sha256": h.hexdigest(),
+        "sha256": npz_sha256,
         "bytes": size,
         "arr_0": {"shape": [n, res, res, 3], "dtype": "uint8"},
         "labels": {"shape": [n], "dtype": "int64", "sha256": _sha256_bytes(labels.tobytes()),
@@ -673,7 +645,7 @@ def pack(out_dir: str, settings: Optional[Dict[str, Any]] = None, progress: bool
         "settings_sha256": digest,
         "packed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write_json(sidecar, os.path.join(out_dir, SAMPLES_JSON))
+    _write_json(sidecar, os.path.join(out_dir, SAMPLES_JSON))
     return sidecar
 
 

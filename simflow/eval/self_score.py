@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from simflow import storage
 from simflow.eval.demo_features import DEFAULT_WEIGHTS, DemoFashionFeatures
 from simflow.eval.metrics import feature_statistics, frechet_distance
 from simflow.eval.weights import load_generator
@@ -173,11 +174,8 @@ def score_run(weights: str, cfg, out_dir: Optional[str], step: Optional[int] = N
                        f"accuracy {rec['class_accuracy_no_cfg']:.3f} (demo-FID is NOT Inception FID; real-data "
                        f"floor {FLOOR_1000})")
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, EVAL_JSON)
-        with open(path + ".tmp", "w") as f:
-            json.dump(rec, f, indent=2, default=str)
-        os.replace(path + ".tmp", path)
+        storage.write_bytes(path, json.dumps(rec, indent=2, default=str).encode())
         rec["line"] += f" -> {path}"
     return rec
 
