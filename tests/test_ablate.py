@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -13,12 +14,15 @@ import pytest
 import torch
 
 from simflow.config import ConfigError, load_config
-from simflow.eval.ablation import default_plan, heldout_nll, ordering_verdict, noise_note, summarise
+from simflow.eval.generator import heldout_nll
 from simflow.models.simflow import SimFlowModel
 from simflow.rng import Stream, per_sample_normal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATE = os.path.join(ROOT, "configs", "ablate")
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # as `python tools/ablate.py` does: the study package is `ablation`
+from ablation.plan import default_plan  # noqa: E402
+from ablation.report import noise_note, ordering_verdict, seed_noise, summarise  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,28 +155,36 @@ def _result(variant, seed, gfid0, gfid_cfg, group="main"):
             "samples": {"0": {"demo_fid": gfid0}, "1": {"demo_fid": gfid_cfg}}}
 
 
-def test_ordering_verdict_and_noise_note():
+def test_ordering_verdict_and_seed_noise():
     paper = [_result("a", 0, 10.0, 5.0), _result("a", 1, 11.0, 6.0), _result("c", 0, 12.0, 7.0),
              _result("c", 1, 12.5, 7.5), _result("d", 0, 20.0, 9.0), _result("b", 0, 30.0, 9.0),
              _result("a_std1", 0, 1.0, 1.0, group="sweep")]
     rows = summarise(paper)
     assert [r["variant"] for r in rows] == ["a", "b", "c", "d", "a_std1"]
     assert rows[0]["gfid0"] == [10.0, 11.0] and rows[0]["seeds"] == [0, 1]
-    names, verdict = ordering_verdict(rows)
-    assert names == ["a", "c", "d", "b"]  # the sweep row does not enter the ranking
-    assert "HOLDS" in verdict and "ranks 4 of 4" in verdict
-    assert "a < c in every seed (ranges [10.0, 11.0] and [12.0, 12.5] do not overlap)" in verdict
-    assert "c vs d: one seed only" in verdict
-    assert "a vs c within seed noise (ranges [5.0, 6.0] and [7.0, 7.5] overlap)" not in verdict
+    v = ordering_verdict(rows)
+    assert v["order"] == ["a", "c", "d", "b"]  # the sweep row does not enter the ranking
+    assert (v["paper_order_holds"], v["a_best"], v["b_rank"]) == (True, True, 4)
+    # a: [10, 11], c: [12, 12.5], d: one seed; with CFG a: [5, 6], c: [7, 7.5]
+    assert v["pairs"]["gfid0"] == {("a", "c"): "as_paper", ("c", "d"): "one_seed", ("a", "d"): "one_seed"}
+    assert v["pairs"]["gfid_cfg"][("a", "c")] == "as_paper"
+    # the one prose check: the paragraph written into docs/ablation.md carries the verdict and the ranges
+    assert "HOLDS" in v["text"] and "a < c in every seed (ranges [10.0, 11.0] and [12.0, 12.5] do not overlap)" in v["text"]
     flipped = summarise([_result("a", 0, 13.0, 5.0), _result("a", 1, 14.0, 5.0), _result("c", 0, 12.0, 5.0),
                          _result("c", 1, 13.5, 5.0), _result("d", 0, 9.0, 5.0), _result("d", 1, 10.0, 5.0)])
-    _, v2 = ordering_verdict(flipped)
-    assert "a vs c within seed noise" in v2 and "d < a in every seed, AGAINST the paper" in v2
-    note = noise_note(rows)
-    assert "spread 1.00" in note and "Gap between a and c (no CFG): 1.75, larger" in note
-    names, verdict = ordering_verdict(summarise([_result("a", 0, 15.0, 5.0), _result("c", 0, 12.0, 5.0),
-                                                 _result("d", 0, 20.0, 5.0)]))
-    assert names == ["c", "a", "d"] and "does NOT hold" in verdict and "not the best" in verdict
+    v2 = ordering_verdict(flipped)
+    assert v2["order"] == ["d", "c", "a"] and v2["paper_order_holds"] is False
+    assert v2["pairs"]["gfid0"] == {("a", "c"): "overlap", ("c", "d"): "against", ("a", "d"): "against"}
+    assert v2["pairs"]["gfid_cfg"] == {("a", "c"): "overlap", ("c", "d"): "overlap", ("a", "d"): "overlap"}
+    noise = seed_noise(rows)
+    assert noise["spread"] == {"a": {"gfid0": 1.0, "gfid_cfg": 1.0}, "c": {"gfid0": 0.5, "gfid_cfg": 0.5}}
+    assert noise["gap"] == {"between": ("a", "c"), "gap": 1.75, "spread": 1.0, "larger": True}  # 12.25 - 10.5
+    assert seed_noise(summarise(paper[:1]))["gap"] is None
+    assert noise_note(summarise(paper[4:6])) == "Only one seed per variant: no estimate of seed noise."
+    v3 = ordering_verdict(summarise([_result("a", 0, 15.0, 5.0), _result("c", 0, 12.0, 5.0),
+                                     _result("d", 0, 20.0, 5.0)]))
+    assert v3["order"] == ["c", "a", "d"] and (v3["paper_order_holds"], v3["a_best"], v3["b_rank"]) == (False, False, None)
+    assert ordering_verdict(summarise(paper[:2]))["pairs"] == {}  # c and d missing: no pairwise verdict
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +233,8 @@ def test_ablate_smoke_end_to_end(demo, small_feature_net, tmp_path):
     assert all(torch.equal(main[k], v) for k, v in pre.items() if k.startswith("vae."))  # frozen end to end
     text = md.read_text()
     assert "python tools/ablate.py --budget 2" in text and "commit: `" in text
-    assert "not Inception FID" in text.replace("**", "") and "| a |" in text and "| d |" in text
-    assert "Paper ordering a (E2E fixed var) < c (E2E noise) < d (frozen VAE)" in text
-    assert "Floor (no model): the first 20 real training images" in text
+    assert "| a |" in text and "| c |" in text and "| d |" in text  # one table row per variant
+    assert ordering_verdict(summarise(results))["text"] in text
     assert png.stat().st_size > 10_000 and (tmp_path / "docs" / "ablation_samples.png").stat().st_size > 10_000
     stamp = {p: p.stat().st_mtime for p in out.glob("*/seed*/result.json")}
     t0 = time.time()
@@ -232,7 +243,7 @@ def test_ablate_smoke_end_to_end(demo, small_feature_net, tmp_path):
     assert {p: p.stat().st_mtime for p in out.glob("*/seed*/result.json")} == stamp
     runs = json.load(open(out / "run.json"))["invocations"]
     assert len(runs) == 2 and runs[0]["commit"] == runs[1]["commit"] and runs[1]["seconds"] < runs[0]["seconds"]
-    assert "produced by the following invocations" in md.read_text()
+    assert "2. `python tools/ablate.py --budget 2" in md.read_text()  # both invocations listed
     assert tool.main(argv[:1] + ["0"] + argv[2:]) == 2  # --budget 0 refused
     with pytest.raises(SystemExit):
         tool.main(["--budget", "x"])

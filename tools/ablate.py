@@ -37,8 +37,10 @@ import time
 
 import numpy as np
 
+from ablation.driver import RESULT_JSON, run_task
+from ablation.plan import default_plan
+from ablation.report import write_report
 from simflow import storage
-from simflow.eval.ablation import RESULT_JSON, default_plan, run_task, write_report
 from simflow.eval.demo_features import DEFAULT_WEIGHTS, DemoFashionFeatures
 
 from simflow.runtime import code_version
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         ref_arrays = {k: z[k] for k in ("mu", "sigma", "pool_features") if k in z.files}
     # The floor: real training images scored like samples (same count), i.e. what a perfect generator would get.
     from simflow.data.demo import load_npz
-    from simflow.eval.ablation import score_samples
+    from simflow.eval.generator import score_samples
 
     real = load_npz(args.train_npz)
     real_floor = score_samples(real["images"][: args.num_samples], DemoFashionFeatures(args.extractor_weights),
