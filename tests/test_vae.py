@@ -61,7 +61,7 @@ def test_xl_config_params_and_layout():
     assert [len(level.blocks) for level in vae.encoder.down] == [2] * 5
     assert [len(level.blocks) for level in vae.decoder.up] == [3] * 5
     assert vae.encoder.conv_out.out_channels == 64  # mean only
-    assert vae.last_layer().shape == (3, 128, 3, 3)
+    assert vae.decoder.conv_out.weight.shape == (3, 128, 3, 3)
 
 
 @pytest.mark.parametrize("ch_mult,res,f", [([1], 16, 1), ([1, 2], 16, 2), ([1, 1, 2, 2], 32, 8)])

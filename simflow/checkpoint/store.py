@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import re
 import time
 import warnings

@@ -53,9 +53,8 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import threading
 from dataclasses import dataclass
-from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image

@@ -3,8 +3,9 @@
 * :func:`hinge_d_loss`: discriminator hinge loss (Lim & Ye, "Geometric GAN", arXiv 1705.02894; as taming/LDM and
   REPA-E use it): ``0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))])``.
 * :func:`generator_adv_loss`: the generator side, ``-E[D(x_hat)]`` (method §5.2, weight ``loss.gan.weight``).
-* :func:`adaptive_gan_weight`: the LDM/taming adaptive weight (method §11.4),
-  ``||grad_last rec|| / (||grad_last gan|| + 1e-4)``, clamped to ``[0, 1e4]`` and detached.
+
+The LDM/taming adaptive GAN weight (method §11.4) is not implemented: the product uses REPA-E's fixed weight, and
+under ZeRO-3 the decoder's last layer is partitioned outside its forward, so ``autograd.grad`` w.r.t. it cannot work.
 """
 
 from __future__ import annotations
@@ -32,26 +33,4 @@ def generator_adv_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_gan_weight(
-    rec_loss: torch.Tensor,
-    gan_loss: torch.Tensor,
-    last_layer: torch.nn.Parameter,
-    max_weight: float = 1e4,
-    eps: float = 1e-4,
-) -> torch.Tensor:
-    """LDM adaptive GAN weight (method §11.4): ``clamp(||d rec/d W|| / (||d gan/d W|| + eps), 0, max_weight)``,
-    detached, where ``W`` is the decoder's last layer (:meth:`simflow.models.vae.VAE.last_layer`).
-
-    Multiply the result by ``loss.gan.weight`` and the generator adversarial loss. Both losses must be scalars still
-    attached to the graph; the graph is retained so the caller can backpropagate the total afterwards.
-
-    Returns:
-        0-dim float tensor on ``last_layer``'s device.
-    """
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    w = g_rec.float().norm() / (g_gan.float().norm() + eps)
-    return w.clamp(0.0, max_weight).detach()
-
-
-__all__ = ["hinge_d_loss", "generator_adv_loss", "adaptive_gan_weight"]
+__all__ = ["hinge_d_loss", "generator_adv_loss"]

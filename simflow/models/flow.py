@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simflow.config import FlowConfig
-from simflow.models.layers import DenseLinearFactory, FP32LayerNorm, modulate, normal_init, xavier_init, zeros_init
+from simflow.models.layers import DenseLinearFactory, FP32LayerNorm, modulate, xavier_init, zeros_init
 
 SOFTPLUS_SHIFT = 0.5413248546129181  # softplus(0.5413...) == 1 (STARFlow, method §4.3 step 6)
 LOG_2PI = math.log(2 * math.pi)
@@ -340,7 +340,7 @@ class TransformerFlow(nn.Module):
         linear_factory: the linear-layer factory (default dense; the engine passes a tensor-parallel one).
 
     ``forward(z_img, y)`` goes data -> noise and returns ``(z, log_det, aux)``; ``inverse(noise, y, ...)`` goes
-    noise -> data autoregressively with a KV cache; ``inverse_naive`` recomputes the prefix each step (tests).
+    noise -> data autoregressively with a KV cache (``use_cache=False`` recomputes the prefix each step).
     """
 
     def __init__(self, cfg: FlowConfig, in_channels: int, latent_size: int, linear_factory=None):
@@ -532,7 +532,3 @@ class TransformerFlow(nn.Module):
                 xp[:, t : t + 1] = zp[:, t : t + 1] * torch.exp(log_sigma) + mu
             x = self._permute(xp, k)
         return unpatchify(x, self.patch_size, self.in_channels, self.latent_size)
-
-    def inverse_naive(self, noise: torch.Tensor, y: torch.Tensor, guidance: Optional[Guidance] = None) -> torch.Tensor:
-        """Reference inverse without KV cache: recomputes the whole prefix at every token (tests only)."""
-        return self.inverse(noise, y, guidance, use_cache=False)

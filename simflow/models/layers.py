@@ -101,7 +101,4 @@ class FP32LayerNorm(nn.LayerNorm):
         return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameter elements (counts ZeRO-3-partitioned params by their ``ds_numel`` when present)."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
 

@@ -343,11 +343,6 @@ class VAE(nn.Module):
             raise ValueError(f"VAE.decode expects (B, {self.cfg.latent_channels}, h, w); got {tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z))
 
-    def last_layer(self) -> nn.Parameter:
-        """Weight of the decoder's final conv ``(in_channels, C, 3, 3)``: the layer whose gradient norms set the LDM
-        adaptive GAN weight (method §11.4)."""
-        return self.decoder.conv_out.weight
-
 
 def _check(cfg: VAEConfig, resolution: int) -> None:
     """Reject configurations that cannot build a network, naming the key."""
