@@ -1,5 +1,5 @@
 """Command-line pieces shared by the evaluation entry points (``python -m simflow.fid`` and
-``python -m simflow.eval.reconstruction``): one parent parser for the feature-network, device and output flags, one
+``python -m simflow.reconstruction``): one parent parser for the feature-network, device and output flags, one
 rule for which weights a feature extractor gets, one way to report bad input.
 
 Exit codes of these entry points: 0 success; 2 bad input (a flag, a file or a config value), with one line

@@ -1,4 +1,4 @@
-"""VAE reconstruction metrics (``python -m simflow.eval.reconstruction``): PSNR values against the formula, decoding
+"""VAE reconstruction metrics (``python -m simflow.reconstruction``): PSNR values against the formula, decoding
 mu, rFID through the evaluator's feature code, and input errors."""
 
 import json

@@ -1,6 +1,6 @@
 """VAE reconstruction metrics on a held-out image set: PSNR and rFID (issue 7 item 4; method §9 "Reconstruction").
 
-    python -m simflow.eval.reconstruction --weights runs/tiny/weights.safetensors --config configs/tiny.yaml \\
+    python -m simflow.reconstruction --weights runs/tiny/weights.safetensors --config configs/tiny.yaml \\
         --data data/demo/demo_test.npz --inception-weights weights/weights-inception-2015-12-05-6726825d.pth
 
 Each image ``x`` (uint8, mapped to [-1, 1] as ``x / 127.5 - 1`` like the training data, method §2) is encoded to
@@ -201,7 +201,7 @@ def evaluate_reconstruction(
 # command line
 # ------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m simflow.eval.reconstruction", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m simflow.reconstruction", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, parents=[eval_parent_parser()])
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.add_argument("--weights", required=True, help="exported weights (.safetensors) or a checkpoint directory")
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point; returns 0, or 2 with ``error: ...`` on stderr for bad input."""
+    """``python -m simflow.reconstruction`` (:mod:`simflow.reconstruction`, console script
+    ``simflow-reconstruction``); returns 0, or 2 with ``error: ...`` on stderr for bad input."""
     from simflow.config import ConfigError
     from simflow.data.loader import DataError
     from simflow.eval.features import ImageFormatError, build_feature_extractor
@@ -266,8 +267,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 __all__ = ["psnr", "psnr_from_mse", "reconstruct", "evaluate_reconstruction", "build_parser", "main"]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
