@@ -117,7 +117,7 @@ def run_dp(dp: int, work: str, overrides) -> dict:
     for p in procs:
         p.join()
     if any(p.exitcode != 0 for p in procs):
-        raise SystemExit(f"DP={dp}: workers exited {[p.exitcode for p in procs]}")
+        raise RuntimeError(f"DP={dp}: workers exited {[p.exitcode for p in procs]}")
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(dp)]
     step = os.path.join(out, "checkpoints", "step-0000002")
     total = sum(os.path.getsize(os.path.join(step, n)) for n in os.listdir(step))
@@ -144,6 +144,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="work directory (default: a new one under $TMPDIR)")
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "demo", "demo.npz"))
     a = ap.parse_args(argv)
+    # bad input exits 2 naming the flag, before any work (argparse's error: usage + message on stderr)
+    if not a.dp or any(dp < 1 for dp in a.dp):
+        ap.error(f"--dp must be data-parallel sizes >= 1; got {a.dp}")
+    if a.width < 1 or not a.layers or any(n < 1 for n in a.layers):
+        ap.error(f"--width and --layers must be >= 1; got --width {a.width} --layers {a.layers}")
+    if not os.path.isfile(a.data):
+        ap.error(f"--data {a.data}: not a file (build it with `python tools/make_demo_data.py`)")
     work = a.dir or tempfile.mkdtemp(prefix="bench_ckpt_")
     ov = ["parallel.engine=deepspeed", "data.source=npz", f"data.path={a.data}", "logging.wandb=disabled",
           f"model.flow.width={a.width}", f"model.flow.layers_per_block=[{','.join(map(str, a.layers))}]",

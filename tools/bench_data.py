@@ -94,6 +94,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip-ffcv", action="store_true")
     p.add_argument("--keep", default=None, help="keep the generated data in this folder")
     args = p.parse_args(argv)
+    # bad input exits 2 naming the flag, before any work (argparse's error: usage + message on stderr)
+    for flag in ("images", "batch", "batches"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+    if any(w < 0 for w in args.workers):
+        p.error(f"--workers must all be >= 0; got {args.workers}")
     work = args.keep or tempfile.mkdtemp(prefix="bench-data-")
     moto = None
     rows = []

@@ -164,7 +164,7 @@ def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False) -> di
 
     cuda = torch.cuda.is_available() and not dry_run_cpu
     if not cuda and not dry_run_cpu:
-        raise SystemExit("--gpu-xl needs CUDA")
+        raise ValueError("--gpu-xl needs CUDA")
     data = _demo(tempfile.gettempdir())
     cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yaml"),
                       _overrides(data, micro, 0, ["parallel.engine=deepspeed", "data.num_workers=0",
@@ -208,7 +208,7 @@ def gpu_sanity(steps: int, dry_run_cpu: bool = False) -> dict:
 
     cuda = torch.cuda.is_available() and not dry_run_cpu
     if not cuda and not dry_run_cpu:
-        raise SystemExit("--gpu-sanity needs CUDA")
+        raise ValueError("--gpu-sanity needs CUDA")
     data = _demo(tempfile.gettempdir())
     base = _overrides(data, 8, 0, [f"train.device={'cuda' if cuda else 'cpu'}", "loss.gan.norm=group"])
     metrics = {}
@@ -264,6 +264,19 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-sanity", action="store_true", help="CUDA: local vs DeepSpeed engine on tiny, JSON out")
     p.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    # bad input exits 2 naming the flag, before any work (argparse's error: usage + message on stderr)
+    if not a.dps or any(dp < 1 for dp in a.dps):
+        p.error(f"--dps must be data-parallel sizes >= 1; got {a.dps}")
+    for flag in ("tp", "global_batch", "steps", "threads"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(a, flag)}")
+    if a.gpu_xl is not None and a.gpu_xl < 1:
+        p.error(f"--gpu-xl MICRO_BATCH must be >= 1; got {a.gpu_xl}")
+    if (a.gpu_xl or a.gpu_sanity) and not a.dry_run_cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"{'--gpu-sanity' if a.gpu_sanity else '--gpu-xl'} needs CUDA")
     if a.gpu_sanity:
         r = gpu_sanity(a.steps, a.dry_run_cpu)
         print(json.dumps(r), flush=True)

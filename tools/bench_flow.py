@@ -122,7 +122,7 @@ def reference(path: str, side: int, channels: int, width: int, batch: int, sampl
 
     spec = importlib.util.spec_from_file_location("reference_transformer_flow", path)
     if spec is None or not os.path.isfile(path):
-        raise SystemExit(f"--reference {path}: not a file (expected apple/ml-tarflow's transformer_flow.py)")
+        raise ValueError(f"--reference {path}: not a file (expected apple/ml-tarflow's transformer_flow.py)")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def gpu_xl(args) -> dict:
 
     cuda = torch.cuda.is_available() and not args.dry_run_cpu
     if not cuda and not args.dry_run_cpu:
-        raise SystemExit("--gpu-xl needs CUDA (or --dry-run-cpu)")
+        raise ValueError("--gpu-xl needs CUDA (or --dry-run-cpu)")
     config = "tiny" if args.dry_run_cpu else args.gpu_config
     mbs = sorted(args.micro_batches, reverse=True)
     cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yaml"), [
@@ -407,6 +407,19 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run-cpu", action="store_true", help="--gpu-xl code path on CPU with the tiny config")
     p.add_argument("--joint-case", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    # bad input exits 2 naming the flag, before any work (argparse's error: usage + message on stderr)
+    if a.reference and not os.path.isfile(a.reference):
+        p.error(f"--reference {a.reference}: not a file (expected apple/ml-tarflow's transformer_flow.py)")
+    for flag in ("threads", "rounds", "steps", "joint_steps", "xl_steps", "xl_sample_batch"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(a, flag)}")
+    if any(m < 1 for m in a.micro_batches):
+        p.error(f"--micro-batches must all be >= 1; got {a.micro_batches}")
+    if a.gpu_xl and not a.dry_run_cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--gpu-xl needs CUDA (or --dry-run-cpu)")
     if a.gpu_xl:
         r = gpu_xl(a)
         if a.json:

@@ -91,6 +91,16 @@ def main(argv=None) -> int:
     p.add_argument("--processes", type=int, default=1, help="processes (e.g. GPUs) for the projection")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    # bad input exits 2 naming the flag, before any work (argparse's error: usage + message on stderr)
+    for case in args.cases:
+        config, _, batch = case.partition(":")
+        if not batch.isdigit() or int(batch) < 1:
+            p.error(f"--cases {case!r}: expected config:batch with batch >= 1")
+    for flag in ("batches", "num_samples", "processes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0; got {args.warmup}")
 
     import torch
 
@@ -101,8 +111,6 @@ def main(argv=None) -> int:
     rows = []
     for case in args.cases:
         config, _, batch = case.partition(":")
-        if not batch.isdigit() or int(batch) < 1:
-            p.error(f"--cases {case!r}: expected config:batch with batch >= 1")
         row = run_case(config, int(batch), args.batches, args.cfg_scale, device, args.warmup)
         row["projected_hours"] = round(args.num_samples / (row["img_per_s"] * args.processes) / 3600, 3)
         rows.append(row)
