@@ -5,6 +5,12 @@
 ``AWS_DEFAULT_REGION``), so s3fs/boto3 code paths talk to it unchanged. It is stopped by its PID at the end.
 Use ``s3_bucket`` for a fresh empty bucket per test.
 
+``demo_data``: a factory ``demo_data(limit, source=None) -> (train_npz, test_npz)`` of demo NPZ files (the first
+``limit`` images per split, :func:`simflow.data.demo.build_demo`), built once per (limit, source) per session and
+shared by every module that asks for the same size; treat the files as read-only. ``demo_npz``: the train file at
+the default size (2,000 images) that the training and checkpoint tests use; a module that needs another size
+overrides it with ``demo_data(n)[0]``.
+
 ``one_thread``: one intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
 tiny models gain nothing from more, and CI's 2 cores are shared.
 """
@@ -26,6 +32,30 @@ _AWS_VARS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+DEMO_IMAGES = 2000
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    from simflow.data.demo import build_demo
+
+    built = {}
+
+    def make(limit: int, source=None):
+        if (limit, source) not in built:
+            out = tmp_path_factory.mktemp(f"demo{limit}{source or ''}")
+            train, test, _ = build_demo(str(out), source=source, limit=limit)
+            built[limit, source] = (train, test)
+        return built[limit, source]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def demo_npz(demo_data):
+    return demo_data(DEMO_IMAGES)[0]
 
 
 @pytest.fixture(scope="module")

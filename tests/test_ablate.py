@@ -28,13 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_data):
     """(train_npz, test_npz) with 600 real Fashion-MNIST images per split."""
-    from simflow.data.demo import build_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    train, test, _ = build_demo(str(out), source="fashion_mnist", limit=600)
-    return train, test
+    return demo_data(600, "fashion_mnist")
 
 
 def cfg_for(name, tmp_path, demo, *overrides):

@@ -41,14 +41,6 @@ from simflow.train.trainer import Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def demo_npz(tmp_path_factory):
-    from simflow.data.demo import build_demo
-
-    train, _, _ = build_demo(str(tmp_path_factory.mktemp("demo")), limit=2000)
-    return train
-
-
 def cfg_for(demo_npz, out, *extra):
     return load_config(TINY, small_overrides(demo_npz, str(out), *extra))
 

@@ -35,14 +35,6 @@ SAVE_AT, STEPS = 3, 5
 REL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def demo_npz(tmp_path_factory):
-    from simflow.data.demo import build_demo
-
-    train, _, _ = build_demo(str(tmp_path_factory.mktemp("demo")), limit=2000)
-    return train
-
-
 def _metrics(out_dir) -> dict:
     """step -> metrics of the last record logged for that step (a resumed job may re-log steps)."""
     recs = {}

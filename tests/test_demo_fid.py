@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from simflow.data.demo import build_demo, load_fashion_mnist
+from simflow.data.demo import load_fashion_mnist
 from simflow.eval.demo_features import (
     DEFAULT_WEIGHTS,
     DEMO_KIND,
@@ -197,15 +197,14 @@ def test_fid_cli_and_fid_ref_tool(reduced_net, splits, tmp_path, capsys):
     assert "--extractor-weights" in capsys.readouterr().err
 
 
-def test_tool_threshold_gate(tmp_path):
+def test_tool_threshold_gate(tmp_path, demo_data):
     """tools/train_feature_net.py computes the test accuracy and refuses to write weights below the threshold."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tfn", os.path.join(ROOT, "tools", "train_feature_net.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    data = tmp_path / "demo"
-    build_demo(str(data), source="fashion_mnist", limit=600)
+    data = os.path.dirname(demo_data(600, "fashion_mnist")[0])  # the folder with demo.npz / demo_test.npz
     out = str(tmp_path / "w" / "net.safetensors")
     common = ["--data", str(data), "--out", out, "--epochs", "0.5", "--width", "8", "--no-progress"]
     assert tool.main(common + ["--min-accuracy", "0.99"]) == 1
@@ -219,9 +218,8 @@ def test_tool_threshold_gate(tmp_path):
     assert rec["num_test"] == 600
     _, stored = load_fashion_cnn(out)
     assert stored["test_accuracy"] == rec["test_accuracy"]
-    photos = tmp_path / "photos"
-    build_demo(str(photos), source="photos", limit=20)
-    assert tool.main(["--data", str(photos), "--out", out, "--no-progress"]) == 2  # not Fashion-MNIST
+    photos = os.path.dirname(demo_data(20, "photos")[0])
+    assert tool.main(["--data", photos, "--out", out, "--no-progress"]) == 2  # not Fashion-MNIST
 
 
 def test_committed_weights_meet_threshold():

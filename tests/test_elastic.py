@@ -39,16 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RDZV_CONF = "--rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=5,is_host={}"
 
 
-@pytest.fixture(scope="module")
-def demo_npz(tmp_path_factory):
-    from simflow.data.demo import build_demo
-
-    train, _, _ = build_demo(str(tmp_path_factory.mktemp("demo")), limit=2000)
-    return train
-
-
-
-
 # A torchrun agent that imports torch first and joins only once its gate file exists: on a loaded 2-core machine
 # the imports alone take longer than the run's world-size-1 phase, so the "node comes back" moment is the gate.
 GATED = ("import os, sys, time\n"

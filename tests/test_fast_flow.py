@@ -189,11 +189,8 @@ def test_compile_with_deepspeed_is_a_config_error():
 
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo_npz(tmp_path_factory):
-    from simflow.data.demo import build_demo
-
-    train, _, _ = build_demo(str(tmp_path_factory.mktemp("demo")), limit=128)
-    return train
+def demo_npz(demo_data):
+    return demo_data(128)[0]
 
 
 def _trainer_run(tmp_path, demo_npz, *extra, steps=2):

@@ -440,7 +440,7 @@ E2E_FID_IMAGES = 50  # samples scored, and real images scored for the real-vs-re
 
 
 @pytest.mark.slow
-def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path):
+def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path, demo_data):
     """Train ``tiny`` for 3 steps on real demo data, export, sample 1,000 images through the CLI, and score FID
     against reference statistics written by ``tools/fid_ref.py`` from the held-out demo split.
 
@@ -449,14 +449,13 @@ def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path):
     the result records the files. Scored subsets are small because 1,000 Inception-V3 forwards at 299 px take
     5-10 min on this machine's 2 shared cores; this test runs 200 (~1-2 min).
     """
-    from simflow.data.demo import build_demo
     from simflow.eval.evaluator import evaluate, load_reference, open_samples
     from helpers import write_random_inception_weights
 
     from simflow.eval.features import build_feature_extractor
     from simflow.train.trainer import Trainer
 
-    train_npz, test_npz, _ = build_demo(str(tmp_path / "demo"), limit=500)
+    train_npz, test_npz = demo_data(500)
     cfg = load_config(TINY, ["data.source=npz", f"data.path={train_npz}", f"train.out_dir={tmp_path}/run",
                              "train.steps=3", "logging.wandb=disabled", "train.sample_every=0"])
     result = Trainer(cfg).fit()
