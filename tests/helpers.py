@@ -4,9 +4,10 @@ SimFlow's S3 shards)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -74,3 +75,13 @@ def register_s3_opener(endpoint: Optional[str] = None, timeout_s: float = 60.0) 
         return fs.open(url, mode, block_size=max(bufsize, 8 << 20))
 
     wg.gopen_schemes["s3"] = gopen_s3
+
+
+def metrics_by_step(out_dir: str) -> Dict[int, Dict[str, Any]]:
+    """step -> the last record logged for that step in ``out_dir/metrics.jsonl`` (a resumed job may re-log steps)."""
+    recs: Dict[int, Dict[str, Any]] = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            recs[r["step"]] = r
+    return recs

@@ -9,7 +9,6 @@ test_parallel_dist.py.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ import torch
 
 from ckpt_helpers import (ROOT, TINY, child_env, descendants, kill_tree, launch_ranks, read_logs, small_overrides,
                           wait_all)
+from helpers import metrics_by_step
 from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_manifest, verify
 from simflow.config import load_config
 from simflow.parallel.topology import free_port
@@ -33,16 +33,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 GLOBAL = 6  # divisible by DP = 1, 2, 3
 SAVE_AT, STEPS = 3, 5
 REL = 1e-6
-
-
-def _metrics(out_dir) -> dict:
-    """step -> metrics of the last record logged for that step (a resumed job may re-log steps)."""
-    recs = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            recs[r["step"]] = r
-    return recs
 
 
 def _run(world, ov, out, timeout=600):
@@ -92,7 +82,7 @@ def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
         logs = _run(world, ov + ["parallel.engine=deepspeed", f"parallel.tp_size={tp}"], out)
         assert f"resumed from {os.path.join(out, 'checkpoints', os.path.basename(src))} at step {SAVE_AT} " \
                f"(saved at world size 4, now {world}" in logs
-    ref, got = _metrics(tp2dp2), _metrics(out)
+    ref, got = metrics_by_step(tp2dp2), metrics_by_step(out)
     assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
     for step in got:
         for key in ("loss", "nll", "rec", "gan", "d_loss", "grad_norm"):
@@ -226,7 +216,7 @@ def test_signal_to_one_rank_saves_everywhere_and_requeues(demo_npz, tmp_path):
         assert verify(d)[0]
         files = read_manifest(d)["files"]
         assert {"rng-00000.pt", "rng-00001.pt", "__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(files)
-        assert max(r for r in _metrics(out)) == s  # no rank went past the saved step
+        assert max(r for r in metrics_by_step(out)) == s  # no rank went past the saved step
         assert (f"stop requested by {sig.name} on rank {rank}: saved step {s} on every rank; exiting with the requeue "
                 f"status 75") in text
         if rank == 1:

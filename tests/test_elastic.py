@@ -27,6 +27,7 @@ import pytest
 
 from ckpt_helpers import (ROOT, TINY, child_env, kill_tree, launch_ranks, read_logs, small_overrides,
                           wait_all)
+from helpers import metrics_by_step
 from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_manifest
 from simflow.parallel.topology import free_port
 from simflow.train.signals import LOCKED_EXIT_CODE, REQUEUE_EXIT_CODE
@@ -83,15 +84,6 @@ def _wait(pred, procs, timeout: float, what: str) -> None:
 
 def _world_of(ckpt: str, step: int) -> int:
     return read_manifest(os.path.join(ckpt, f"step-{step:07d}"))["topology"]["world_size"]
-
-
-def _metrics(out_dir) -> dict:
-    recs = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            recs[r["step"]] = r
-    return recs
 
 
 def _leave_and_rejoin(out: str, ov, steps: int):
@@ -180,7 +172,7 @@ def test_elastic_leave_and_rejoin_with_global_batch_size_keeps_the_data_order(de
     rows = _global_batches(os.path.join(out, "checkpoints"), steps)
     assert 1 in [w for w, _, _ in rows]
     assert [(g, c) for _, g, c in rows] == [(8, 8 * s) for s in range(1, steps + 1)]
-    ref, got = _metrics(clean), _metrics(out)
+    ref, got = metrics_by_step(clean), metrics_by_step(out)
     assert sorted(got) == list(range(1, steps + 1))
     for s in got:
         for key in ("loss", "nll", "rec"):
