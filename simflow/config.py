@@ -217,7 +217,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "local"  # local | deepspeed
+    engine: str = "local"  # local | deepspeed (ZeRO-3 + megatron-core TP) | fsdp2 (FSDP2 + DTensor TP)
     tp_size: int = 1
     zero_stage: int = 3
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -330,7 +330,7 @@ _CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "parallel.engine": ("local", "deepspeed"),
+    "parallel.engine": ("local", "deepspeed", "fsdp2"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "sample.cfg_mode": ("linear", "gaussian", "deep_only", "deep_only_cond"),
     "logging.wandb": ("offline", "online", "disabled"),
