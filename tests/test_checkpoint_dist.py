@@ -77,10 +77,11 @@ def tp2dp2(demo_npz, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", ["dp1", "dp2", "dp3", "tp2dp1"])
+@pytest.mark.parametrize("layout", ["dp1", "dp2", "dp3", "tp2dp1", "fsdp2-dp2"])
 def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
-    """Step 3 of the TP=2 x DP=2 run, resumed at DP=1 (local engine, one process), DP=2, DP=3 and TP=2 x DP=1:
-    steps 4 and 5 equal the uninterrupted TP=2 x DP=2 run within 1e-6 (relative), every loss term."""
+    """Step 3 of the TP=2 x DP=2 run, resumed at DP=1 (local engine, one process), DP=2, DP=3 and TP=2 x DP=1, and
+    under the FSDP2 engine at DP=2 (another engine and topology): steps 4 and 5 equal the uninterrupted TP=2 x DP=2
+    run within 1e-6 (relative), every loss term."""
     src = os.path.join(tp2dp2, "checkpoints", f"step-{SAVE_AT:07d}")
     manifest = read_manifest(src)
     assert manifest["topology"] == {"world_size": 4, "tp_size": 2, "dp_size": 2}
@@ -88,7 +89,8 @@ def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
     assert {f for f in manifest["files"] if f.startswith("rng-")} == {f"rng-0000{r}.pt" for r in range(4)}
     out = str(tmp_path / layout)
     shutil.copytree(src, os.path.join(out, "checkpoints", os.path.basename(src)))
-    world, tp = {"dp1": (1, 1), "dp2": (2, 1), "dp3": (3, 1), "tp2dp1": (2, 2)}[layout]
+    engine = "fsdp2" if layout.startswith("fsdp2-") else "deepspeed"
+    world, tp = {"dp1": (1, 1), "dp2": (2, 1), "dp3": (3, 1), "tp2dp1": (2, 2)}[layout.split("-")[-1]]
     micro = GLOBAL * tp // world
     ov = small_overrides(demo_npz, out, f"train.micro_batch_size={micro}", f"train.global_batch_size={GLOBAL}",
                          f"train.steps={STEPS}", "checkpoint.every_steps=0", "train.run_id=xtopo")
@@ -97,7 +99,7 @@ def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
         t.fit()
         assert t.resume_report["loaded"] == os.path.join(out, "checkpoints", os.path.basename(src))
     else:
-        logs = _run(world, ov + ["parallel.engine=deepspeed", f"parallel.tp_size={tp}"], out)
+        logs = _run(world, ov + [f"parallel.engine={engine}", f"parallel.tp_size={tp}"], out)
         assert f"resumed from {os.path.join(out, 'checkpoints', os.path.basename(src))} at step {SAVE_AT} " \
                f"(saved at world size 4, now {world}" in logs
     ref, got = _metrics(tp2dp2), _metrics(out)
@@ -112,6 +114,92 @@ def test_resume_at_another_topology(layout, tp2dp2, demo_npz, tmp_path):
     assert ref[STEPS]["loss"] != ref[SAVE_AT + 1]["loss"]
     parts, _ = load_checkpoint(os.path.join(out, "checkpoints", f"step-{STEPS:07d}"), parts=["loader", "trainer"])
     assert parts["loader"]["consumed_samples"] == STEPS * GLOBAL and parts["trainer"]["step"] == STEPS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the FSDP2 engine (parallel.engine=fsdp2): the same runs, the same checkpoints
+def _fsdp2_run(tmp_path_factory, demo_npz, world, tp, save_at=SAVE_AT):
+    out = str(tmp_path_factory.mktemp(f"fsdp2_w{world}tp{tp}"))
+    ov = small_overrides(demo_npz, out, "parallel.engine=fsdp2", f"parallel.tp_size={tp}",
+                         f"train.micro_batch_size={GLOBAL * tp // world}", f"train.global_batch_size={GLOBAL}",
+                         f"train.steps={STEPS}", f"checkpoint.every_steps={save_at}", "checkpoint.keep=2",
+                         "train.run_id=xtopo")
+    _run(world, ov, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp2_tp2dp2(demo_npz, tmp_path_factory):
+    """FSDP2 + DTensor TP at TP=2 x DP=2: the DeepSpeed ``tp2dp2`` run under the other engine."""
+    return _fsdp2_run(tmp_path_factory, demo_npz, 4, 2)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_dp2(demo_npz, tmp_path_factory):
+    return _fsdp2_run(tmp_path_factory, demo_npz, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_dp1(demo_npz, tmp_path_factory):
+    return _fsdp2_run(tmp_path_factory, demo_npz, 1, 1, save_at=0)
+
+
+@pytest.mark.parametrize("run", ["fsdp2_dp1", "fsdp2_dp2", "fsdp2_tp2dp2"])
+def test_fsdp2_losses_equal_across_world_sizes_and_deepspeed(run, tp2dp2, request):
+    """FSDP2 in 1 process, 2 (DP=2) and 4 (TP=2 x DP=2), same global batch: the 5 steps' losses equal the DeepSpeed
+    ZeRO-3 TP=2 x DP=2 run's within 1e-5 relative, every loss term and the gradient norm."""
+    ref, got = _metrics(tp2dp2), _metrics(request.getfixturevalue(run))
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step in got:
+        for key in ("loss", "nll", "rec", "gan", "d_loss", "grad_norm"):
+            assert (key in got[step]) == (key in ref[step]) and (key in ref[step] or step == 1)  # GAN from step 2
+            if key in ref[step]:
+                assert _close(got[step][key], ref[step][key], 1e-5), (run, step, key, got[step][key], ref[step][key])
+    assert ref[STEPS]["loss"] < ref[1]["loss"] - 0.05  # training moved: not a comparison of constants
+
+
+def _resume(src_run, out, demo_npz, world, tp, engine):
+    src = os.path.join(src_run, "checkpoints", f"step-{SAVE_AT:07d}")
+    shutil.copytree(src, os.path.join(out, "checkpoints", os.path.basename(src)))
+    ov = small_overrides(demo_npz, out, f"parallel.engine={engine}", f"parallel.tp_size={tp}",
+                         f"train.micro_batch_size={GLOBAL * tp // world}", f"train.global_batch_size={GLOBAL}",
+                         f"train.steps={STEPS}", "checkpoint.every_steps=0", "train.run_id=xtopo")
+    logs = _run(world, ov, out)
+    assert f"resumed from {os.path.join(out, 'checkpoints', os.path.basename(src))} at step {SAVE_AT} " in logs
+    return _metrics(out)
+
+
+@pytest.mark.parametrize("layout", ["deepspeed-dp2", "fsdp2-dp1"])
+def test_fsdp2_checkpoint_resumes_under_either_engine(layout, fsdp2_tp2dp2, demo_npz, tmp_path):
+    """Step 3 of the FSDP2 TP=2 x DP=2 run, resumed under DeepSpeed ZeRO-3 at DP=2 and under FSDP2 in one process:
+    steps 4 and 5 equal the uninterrupted FSDP2 run within 1e-6 (the gradient norm 5e-6, as above)."""
+    engine, topo = layout.split("-")
+    world = {"dp1": 1, "dp2": 2}[topo]
+    got, ref = _resume(fsdp2_tp2dp2, str(tmp_path / layout), demo_npz, world, 1, engine), _metrics(fsdp2_tp2dp2)
+    assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
+    for step in got:
+        for key in ("loss", "nll", "rec", "gan", "d_loss", "grad_norm"):
+            rel = 5 * REL if key == "grad_norm" else REL
+            assert _close(got[step][key], ref[step][key], rel), (layout, step, key, got[step][key], ref[step][key])
+
+
+def test_fsdp2_exact_resume_at_the_same_topology(fsdp2_dp2, demo_npz, tmp_path):
+    """FSDP2 at DP=2 resumed from its own step 3 at DP=2: steps 4 and 5 and the final exported weights (raw and
+    EMA) are bit-equal to the uninterrupted run, and so are the step-5 AdamW moments."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "again")
+    got, ref = _resume(fsdp2_dp2, out, demo_npz, 2, 1, "fsdp2"), _metrics(fsdp2_dp2)
+    for step in got:
+        a = {k: v for k, v in got[step].items() if k != "img_per_s"}
+        assert a == {k: v for k, v in ref[step].items() if k != "img_per_s"}, step
+    a, b = load_file(os.path.join(fsdp2_dp2, "weights.safetensors")), load_file(os.path.join(out, "weights.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ca = load_checkpoint(os.path.join(fsdp2_dp2, "checkpoints", f"step-{STEPS:07d}"), parts=["generator"])[0]
+    cb = load_checkpoint(os.path.join(out, "checkpoints", f"step-{STEPS:07d}"), parts=["generator"])[0]
+    sa, sb = ca["generator"]["optimizer"]["state"], cb["generator"]["optimizer"]["state"]
+    assert sa and sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k][m], sb[k][m]) for k in sa for m in ("exp_avg", "exp_avg_sq"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

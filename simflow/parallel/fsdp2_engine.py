@@ -462,13 +462,10 @@ class FSDP2Engine(Engine):
         return sum(p.to_local().numel() for p in self._params.values())
 
     def local_optimizer_numel(self) -> int:
-        """Optimizer-state elements held by this rank (fp32 master = the sharded parameter, and both moments)."""
-        n = 0
-        for name in self._trainable:
-            p = self._params[name]
-            n += p.to_local().numel()
-            n += sum(v.to_local().numel() for k, v in self.optimizer.state.get(p, {}).items() if k in ADAM_KEYS)
-        return n
+        """Optimizer-state elements held by this rank: both AdamW moments of its shards (the sharded fp32
+        parameter is itself the master weight; ZeRO-3 keeps a separate master partition)."""
+        return sum(v.to_local().numel() for n in self._trainable
+                   for k, v in self.optimizer.state.get(self._params[n], {}).items() if k in ADAM_KEYS)
 
     def full_numel(self) -> int:
         """Parameter elements of the whole (TP=1, unsharded) model."""

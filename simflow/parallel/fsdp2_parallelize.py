@@ -85,9 +85,14 @@ def fsdp_units(model: nn.Module) -> List[nn.Module]:
 
 def mixed_precision(bf16: bool, device: torch.device) -> MixedPrecisionPolicy:
     """bf16 parameters with fp32 gradient reduction on CUDA under bf16; no casting (fp32) otherwise (on CPU the
-    trainer's autocast alone decides the compute dtype, as with the other engines)."""
+    trainer's autocast alone decides the compute dtype, as with the other engines).
+
+    ``cast_forward_inputs=False``: FSDP2 would otherwise cast every floating input of every group's forward to bf16,
+    i.e. the posterior noise at the root (the latent ``z = mu + 0.5 eps`` is formed in fp32) and the flow's residual
+    stream at each transformer layer; the trainer's autocast already runs the GEMMs in bf16 and keeps those in fp32,
+    as under the other engines."""
     if bf16 and device.type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
 
