@@ -1,8 +1,9 @@
 """Multi-process checkpoint tests on CPU/gloo (issue 5 "Must show"): resume at other (TP, DP) layouts, a worker
 SIGKILLed under ``torchrun`` elastic with two agents, SIGUSR1/SIGTERM sent to one rank only.
 
-Every job is the real entry point (``python -m simflow.launch`` / ``torchrun ... -m simflow.launch``) on the tiny config at flow
-width 32 with the DeepSpeed ZeRO-3 engine (megatron-core TP where tp_size=2). DeepSpeed's first start JIT-builds a
+Every job is the real entry point (``python -m simflow.launch`` / ``torchrun ... -m simflow.launch``) on the tiny
+config at flow width 32 with the DeepSpeed ZeRO-3 engine (megatron-core TP where tp_size=2) or, where named, the
+FSDP2 engine (DTensor TP), whose checkpoints resume under either engine. DeepSpeed's first start JIT-builds a
 small shm op cached under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), shared with
 test_parallel_dist.py.
 """
@@ -293,11 +294,13 @@ def _wait_for_step(out: str, step: int, procs, timeout: float = 300) -> None:
     raise AssertionError(f"job did not reach step {step}")
 
 
-def test_signal_to_one_rank_saves_everywhere_and_requeues(demo_npz, tmp_path):
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_signal_to_one_rank_saves_everywhere_and_requeues(engine, demo_npz, tmp_path):
     """SIGUSR1 to rank 1 only, then (after the requeue resumed) SIGTERM to rank 0 only: each time both ranks save
-    the same step (one committed step holding both ranks' files, nothing after it) and exit with status 75."""
+    the same step (one committed step holding both ranks' files, nothing after it) and exit with status 75; under
+    either engine."""
     out = str(tmp_path / "run")
-    ov = small_overrides(demo_npz, out, "parallel.engine=deepspeed", "train.micro_batch_size=4", "train.steps=60",
+    ov = small_overrides(demo_npz, out, f"parallel.engine={engine}", "train.micro_batch_size=4", "train.steps=60",
                          "checkpoint.every_steps=0", "checkpoint.watchdog_s=120")
     root = os.path.join(out, "checkpoints")
     saved = []
