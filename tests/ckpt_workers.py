@@ -16,7 +16,8 @@ from parallel_workers import TINY
 class LargestTensor(TorchDispatchMode):
     """Records the largest floating-point tensor (elements) that any aten op *allocates* while active (this thread
     only): outputs whose storage is not one of the inputs' storages (views, ``set_`` and in-place ops allocate
-    nothing); for a DTensor, its local shard. Training state is fp32; the uint8 buffers of object collectives (DCP's plan exchange) are not state."""
+    nothing); for a DTensor, its local shard. Training state is fp32; the uint8 buffers of object collectives
+    (DCP's plan exchange) are not state."""
 
     def __init__(self):
         super().__init__()

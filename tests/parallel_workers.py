@@ -369,7 +369,8 @@ def fsdp2_tp_worker(rank: int, world: int, outdir: str, overrides: List[str]) ->
 
     dense = flow()
     eng = FSDP2Engine(cfg, flow, "generator", [], topo)
-    res: Dict[str, Any] = {"tp_size": topo.tp_size, "placements": {n: str(p.placements) for n, p in eng._params.items()}}
+    res: Dict[str, Any] = {"tp_size": topo.tp_size,
+                           "placements": {n: str(p.placements) for n, p in eng._params.items()}}
     g = torch.Generator().manual_seed(7)
     z_img = torch.randn(3, c, h, h, generator=g)
     y = torch.tensor([1, 4, cfg.model.flow.num_classes])

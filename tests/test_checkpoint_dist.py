@@ -194,7 +194,8 @@ def test_fsdp2_exact_resume_at_the_same_topology(fsdp2_dp2, demo_npz, tmp_path):
     for step in got:
         a = {k: v for k, v in got[step].items() if k != "img_per_s"}
         assert a == {k: v for k, v in ref[step].items() if k != "img_per_s"}, step
-    a, b = load_file(os.path.join(fsdp2_dp2, "weights.safetensors")), load_file(os.path.join(out, "weights.safetensors"))
+    a = load_file(os.path.join(fsdp2_dp2, "weights.safetensors"))
+    b = load_file(os.path.join(out, "weights.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     ca = load_checkpoint(os.path.join(fsdp2_dp2, "checkpoints", f"step-{STEPS:07d}"), parts=["generator"])[0]
     cb = load_checkpoint(os.path.join(out, "checkpoints", f"step-{STEPS:07d}"), parts=["generator"])[0]
@@ -375,9 +376,9 @@ def test_torchrun_elastic_node_loss_resumes_at_smaller_world(demo_npz, tmp_path)
 def test_dp2_save_and_load_never_materialise_a_full_tensor(engine, demo_npz, tmp_path):
     """DeepSpeed ZeRO-3 or FSDP2 at DP=2 with the (default) BatchNorm discriminator. During a save and during a load,
     no aten op on a rank returns a tensor larger than that rank's ZeRO-3 partition (FSDP2: shard) of the largest
-    parameter (a gathered optimizer moment, weight or EMA would be twice that); the load restores the saved weights and EMA bit for bit;
-    the saved BatchNorm running statistics are DP rank 0's whichever rank DCP lets write them; a NaN in one rank's
-    EMA partition refuses the commit, and the newest committed step stays the finite one."""
+    parameter (a gathered optimizer moment, weight or EMA would be twice that); the load restores the saved weights
+    and EMA bit for bit; the saved BatchNorm running statistics are DP rank 0's whichever rank DCP lets write them;
+    a NaN in one rank's EMA partition refuses the commit, and the newest committed step stays the finite one."""
     from ckpt_workers import shard_memory_worker
     from parallel_workers import spawn
 

@@ -21,7 +21,8 @@ cores, so step time there shows overhead, not speed-up.
 
 ``--gpu-xl MB`` (used by ``tools/gpu_check_engine.sh``) runs one process on CUDA with each engine of ``--engines``
 at micro-batch MB and prints one JSON line per engine: step time, images/s, peak memory, model FLOPs per step
-(counted with ``torch.utils.flop_counter`` on one real step, forward + backward of every network in it) and MFU = FLOPs per step / step time / 989e12 (H100/H200 dense bf16 peak).
+(counted with ``torch.utils.flop_counter`` on one real step, forward + backward of every network in it) and
+MFU = FLOPs per step / step time / 989e12 (H100/H200 dense bf16 peak).
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False, engin
         torch.cuda.reset_peak_memory_stats()
     step_s = _measure(tr, it, steps, cuda=cuda)
     res = {
-        "config": config, "engine": engine, "micro_batch": micro, "precision": "bf16 autocast" if cuda else "fp32 (CPU dry run)",
+        "config": config, "engine": engine, "micro_batch": micro,
+        "precision": "bf16 autocast" if cuda else "fp32 (CPU dry run)",
         "build_s": build_s, "step_s": step_s, "img_per_s": micro / step_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "flops_per_step": flops, "tflops_per_s": flops / step_s / 1e12, "mfu": flops / step_s / PEAK_BF16_FLOPS,
