@@ -272,13 +272,13 @@ class FSDP2Engine(Engine):
                            f"the ones this model tracks {sorted(self.ema)[:5]}")
         out: Dict[str, torch.Tensor] = {}
         for n, p in self._params.items():
-            zeros = lambda: torch.zeros(p.to_local().shape, dtype=torch.float32)  # noqa: E731
-            out[f"module/{n}"] = self._shard(p, zeros())
+            shape = p.to_local().shape
+            out[f"module/{n}"] = self._shard(p, torch.zeros(shape))
             if n in meta.get("optim_step", {}):
                 for k in ADAM_KEYS:
-                    out[f"optim/{n}/{k}"] = self._shard(p, zeros())
+                    out[f"optim/{n}/{k}"] = self._shard(p, torch.zeros(shape))
             if n in self.ema:
-                out[f"ema/{n}"] = self._shard(p, zeros())
+                out[f"ema/{n}"] = self._shard(p, torch.zeros(shape))
         if self._buffers_owned():
             out.update({f"module/{k}": torch.zeros_like(b, device="cpu") for k, b in self.module.named_buffers()
                         if b is not None})
