@@ -355,7 +355,7 @@ def fsdp2_tp_worker(rank: int, world: int, outdir: str, overrides: List[str]) ->
     from simflow.models.flow import Guidance, TransformerFlow
     from simflow.parallel.fsdp2_engine import FSDP2Engine
     from simflow.parallel.topology import destroy_topology, init_topology
-    from simflow.train.trainer import build_generator
+    from simflow.models.simflow import build_generator
 
     cfg = load_config(TINY, overrides)
     topo = init_topology(cfg)

@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor
 from simflow.config import SimFlowConfig
 from simflow.parallel.engine import BufferGuard, Engine, ema_decay_at, lr_at, nonfinite_bits, optimizer_settings
 from simflow.parallel.fsdp2_parallelize import fsdp_modules, parallelize_simflow
+from simflow.runtime import autocast_dtype
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -82,8 +83,6 @@ class FSDP2Engine(Engine):
 
     def __init__(self, cfg: SimFlowConfig, build_module: Callable[..., nn.Module], role: str,
                  ema_prefixes: Sequence[str], topology):
-        from simflow.parallel.deepspeed_engine import uses_bf16
-
         if not dist.is_initialized():
             raise RuntimeError("FSDP2Engine needs torch.distributed: call simflow.parallel.topology.init_topology")
         self.cfg, self.role, self.topo, self.device = cfg, role, topology, topology.device
@@ -96,7 +95,8 @@ class FSDP2Engine(Engine):
         module = build_module().to(self.device)
         rng_cpu = torch.get_rng_state()  # whatever is built next (discriminator, noise) sees the local engine's stream
         rng_cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
-        self.module = parallelize_simflow(module, self.mesh, cfg, bf16=uses_bf16(cfg, self.device))
+        bf16 = autocast_dtype(cfg, self.device) == torch.bfloat16
+        self.module = parallelize_simflow(module, self.mesh, cfg, bf16=bf16)
         torch.set_rng_state(rng_cpu)
         if rng_cuda is not None:
             torch.cuda.set_rng_state(rng_cuda)
