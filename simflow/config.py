@@ -217,7 +217,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "local"  # local | deepspeed
+    engine: str = "local"  # local | deepspeed (ZeRO-3 + megatron-core TP) | fsdp2 (FSDP2 + DTensor TP)
     tp_size: int = 1
     zero_stage: int = 3
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -330,7 +330,7 @@ _CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "parallel.engine": ("local", "deepspeed"),
+    "parallel.engine": ("local", "deepspeed", "fsdp2"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "sample.cfg_mode": ("linear", "gaussian", "deep_only", "deep_only_cond"),
     "logging.wandb": ("offline", "online", "disabled"),
@@ -377,9 +377,12 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
         bad("model.vae.posterior_std", "must be > 0")
     if f.noise_std < 0:
         bad("model.flow.noise_std", "must be >= 0")
-    if cfg.train.compile and cfg.parallel.engine != "local":
+    if cfg.train.compile and cfg.parallel.engine == "deepspeed":
         bad("train.compile", "is supported with parallel.engine=local only (dynamo does not trace DeepSpeed ZeRO-3's "
                              "parameter-gather hooks; use DeepSpeed's own engine.compile() there)")
+    if cfg.train.compile and cfg.parallel.engine == "fsdp2":
+        bad("train.compile", "is not yet tested with parallel.engine=fsdp2 (compiled DTensor TP layers inside FSDP2 "
+                             "groups); use parallel.engine=local or train.compile=false")
     if cfg.train.init_vae_from and cfg.parallel.engine != "local":
         bad("train.init_vae_from", "is supported with parallel.engine=local only (weights load before sharding)")
     down = 2 ** (len(v.ch_mult) - 1)

@@ -16,7 +16,8 @@ from parallel_workers import TINY
 class LargestTensor(TorchDispatchMode):
     """Records the largest floating-point tensor (elements) that any aten op *allocates* while active (this thread
     only): outputs whose storage is not one of the inputs' storages (views, ``set_`` and in-place ops allocate
-    nothing). Training state is fp32; the uint8 buffers of object collectives (DCP's plan exchange) are not state."""
+    nothing); for a DTensor, its local shard. Training state is fp32; the uint8 buffers of object collectives
+    (DCP's plan exchange) are not state."""
 
     def __init__(self):
         super().__init__()
@@ -27,20 +28,39 @@ class LargestTensor(TorchDispatchMode):
         seen = set()
         for x in pytree.tree_leaves((args, kwargs or {})):
             if isinstance(x, torch.Tensor):
-                seen.add(x.untyped_storage().data_ptr())
+                seen.add(_storage_ptr(_local(x)))
             elif isinstance(x, (torch.UntypedStorage, torch.TypedStorage)):
                 seen.add(x.data_ptr())
         for t in pytree.tree_leaves(out):
+            t = _local(t)
             if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > self.numel
-                    and t.untyped_storage().data_ptr() not in seen):
+                    and _storage_ptr(t) not in seen):
                 self.numel, self.op = t.numel(), str(func)
         return out
 
 
+def _local(t):
+    """A DTensor's local shard (what an op on it allocates on this rank; the mode sees the DTensor-level op only),
+    anything else unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _storage_ptr(t: torch.Tensor):
+    """The tensor's storage address, or ``id(t)`` for tensors without a readable storage (DTensor's functional
+    collectives hand out wrappers whose storage is not a real one until waited on)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return id(t)
+
+
 def shard_memory_worker(rank: int, world: int, outdir: str, overrides: List[str]) -> None:
-    """DeepSpeed ZeRO-3 at DP=``world`` with a BatchNorm discriminator: 2 steps, then a blocking save and a load
-    watched by :class:`LargestTensor`; a step after the save and a load back (round trip); then a NaN planted in
-    rank 1's EMA partition and another save (must not commit). Rank 0 writes ``result.pt``."""
+    """DeepSpeed ZeRO-3 or FSDP2 (``parallel.engine`` in ``overrides``) at DP=``world`` with a BatchNorm
+    discriminator: 2 steps, then a blocking save and a load watched by :class:`LargestTensor`; a step after the save
+    and a load back (round trip); then a NaN planted in rank 1's EMA partition and another save (must not commit).
+    Rank 0 writes ``result.pt``."""
     from simflow.config import load_config
     from simflow.parallel.factory import build_engine
     from simflow.parallel.topology import init_topology
@@ -56,9 +76,16 @@ def shard_memory_worker(rank: int, world: int, outdir: str, overrides: List[str]
     # every parameter the save writes: generator and discriminator (the largest may be either's)
     params = {**{f"generator.{n}": p for n, p in gen._params.items()},
               **{f"discriminator.{n}": p for n, p in tr.disc._params.items()}}
-    res: Dict[str, Any] = {"full_numel": {n: int(p.ds_numel) for n, p in params.items()},
-                           "part_numel": {n: int(p.ds_tensor.ds_numel) for n, p in params.items()}}
-    bufs = [{k: b.clone() for k, b in tr.disc.inner.named_buffers()}]
+    fsdp2 = cfg.parallel.engine == "fsdp2"
+    if fsdp2:  # the rank's FSDP2 shard (Shard(0) rows) of each parameter
+        res: Dict[str, Any] = {"full_numel": {n: p.numel() for n, p in params.items()},
+                               "part_numel": {n: p.to_local().numel() for n, p in params.items()},
+                               "rows": {n: p.shape[0] for n, p in params.items()}}
+    else:
+        res = {"full_numel": {n: int(p.ds_numel) for n, p in params.items()},
+               "part_numel": {n: int(p.ds_tensor.ds_numel) for n, p in params.items()}}
+    disc_module = tr.disc.module if fsdp2 else tr.disc.inner
+    bufs = [{k: b.clone() for k, b in disc_module.named_buffers()}]
     gathered: List[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, bufs[0])
     res["disc_buffers_per_rank"] = gathered
@@ -80,7 +107,7 @@ def shard_memory_worker(rank: int, world: int, outdir: str, overrides: List[str]
     tr.step = 3
     if rank == 1:
         name = next(iter(gen.ema))
-        gen.ema[name][0] = float("nan")
+        (gen.ema[name].to_local() if fsdp2 else gen.ema[name])[0] = float("nan")
         res["nan_in"] = name
     tr.save(block=True)
     if rank == 0:

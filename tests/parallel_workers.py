@@ -239,10 +239,25 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
 # ----------------------------------------------------------------------------------------------------------------
 # non-finite guard and fp32 gradient reduction on the DeepSpeed engine (tests/test_step_dist.py)
 def _local_state(tr) -> Dict[str, Any]:
-    """This rank's own shards, copied: fp32 master partitions, AdamW moments/step of the flat partitions, EMA."""
+    """This rank's own shards, copied: fp32 master partitions, AdamW moments/step of the flat partitions (DeepSpeed)
+    or of each parameter (FSDP2), EMA."""
+    from simflow.parallel.fsdp2_engine import FSDP2Engine
+
+    if isinstance(tr.gen, FSDP2Engine):
+        def local(v):
+            return v.to_local().detach().clone() if hasattr(v, "to_local") else v.detach().clone()
+
+        out: Dict[str, Any] = {}
+        for role, eng in (("gen", tr.gen), ("disc", tr.disc)):
+            out[f"{role}.master"] = {n: local(eng._params[n]) for n in eng._trainable}
+            out[f"{role}.adam"] = [{k: (local(v) if torch.is_tensor(v) else v)
+                                    for k, v in eng.optimizer.state.get(eng._params[n], {}).items()}
+                                   for n in eng._trainable]
+            out[f"{role}.ema"] = {k: local(v) for k, v in eng.ema.items()}
+        return out
     from deepspeed.utils import safe_get_local_fp32_param
 
-    out: Dict[str, Any] = {}
+    out = {}
     for role, eng in (("gen", tr.gen), ("disc", tr.disc)):
         out[f"{role}.master"] = {n: safe_get_local_fp32_param(p).detach().clone() for n, p in eng._params.items()
                                  if n in eng._trainable}
@@ -253,7 +268,7 @@ def _local_state(tr) -> Dict[str, Any]:
 
 
 def nonfinite_worker(rank: int, world: int, outdir: str, overrides: List[str], poison: str) -> None:
-    """DeepSpeed Trainer with ``SIMFLOW_TEST_POISON_LOSS=poison``: 3 steps, snapshot (this rank's shards and the
+    """DeepSpeed or FSDP2 Trainer (``parallel.engine`` in ``overrides``) with ``SIMFLOW_TEST_POISON_LOSS=poison``: 3 steps, snapshot (this rank's shards and the
     full topology-free state), the 4th step (poisoned on one rank), snapshot, 2 more steps, flush the metrics; then
     ``fit()`` on to ``train.steps`` with more poisoned steps until ``NonFiniteExit``. Every rank saves its results."""
     os.environ["SIMFLOW_TEST_POISON_LOSS"] = poison
@@ -276,7 +291,7 @@ def nonfinite_worker(rank: int, world: int, outdir: str, overrides: List[str], p
     res["after_local"] = _local_state(tr)
     res["after_full"] = tr.gen.state_dict()
     res["lr_after"] = tr.gen.optimizer.param_groups[0]["lr"]
-    res["steps_after"] = (tr.step, tr.gen.steps, tr.gen._ds.global_steps)
+    res["steps_after"] = (tr.step, tr.gen.steps, tr.gen._ds.global_steps if hasattr(tr.gen, "_ds") else tr.gen.steps)
     for _ in range(2):
         tr.train_step(it)
     res["moved_local"] = _local_state(tr)
@@ -324,3 +339,100 @@ def bf16_reduce_worker(rank: int, world: int, outdir: str, safe_modules) -> None
            "autocast": engine.torch_autocast_enabled(), "loss_dtype": str(y.dtype)}
     torch.save(res, os.path.join(outdir, f"bf16_rank{rank}.pt"))
     torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the FSDP2 engine: DTensor TP on the real flow, sharding, protocol errors (tests/test_fsdp2_dist.py)
+def fsdp2_tp_worker(rank: int, world: int, outdir: str, overrides: List[str]) -> None:
+    """``world`` = 2 processes at TP=2 (mesh dp=1 x tp=2), FSDP2 engine. (1) The real flow, built dense and
+    perturbed identically, then parallelised by :func:`parallelize_simflow` inside an ``FSDP2Engine``: forward,
+    parameter gradients and KV-cached guided sampling (``full_params``) against the dense flow. (2) Parameter
+    elements per rank of the whole generator on the (1 x 2) mesh and, in the same process group, on a (2 x 1) mesh.
+    (3) Engine protocol errors and the frozen-VAE variant. Rank 0 saves ``fsdp2_tp.pt``."""
+    from types import SimpleNamespace
+
+    from simflow.config import load_config
+    from simflow.models.flow import Guidance, TransformerFlow
+    from simflow.parallel.fsdp2_engine import FSDP2Engine
+    from simflow.parallel.topology import destroy_topology, init_topology
+    from simflow.models.simflow import build_generator
+
+    cfg = load_config(TINY, overrides)
+    topo = init_topology(cfg)
+    c, h = cfg.model.vae.latent_channels, cfg.model.resolution // 2 ** (len(cfg.model.vae.ch_mult) - 1)
+
+    def flow() -> TransformerFlow:
+        torch.manual_seed(123)
+        m = TransformerFlow(cfg.model.flow, c, h)
+        _perturb(m, 0, 1)
+        return m
+
+    dense = flow()
+    eng = FSDP2Engine(cfg, flow, "generator", [], topo)
+    res: Dict[str, Any] = {"tp_size": topo.tp_size,
+                           "placements": {n: str(p.placements) for n, p in eng._params.items()}}
+    g = torch.Generator().manual_seed(7)
+    z_img = torch.randn(3, c, h, h, generator=g)
+    y = torch.tensor([1, 4, cfg.model.flow.num_classes])
+    w = torch.randn(3, h * h, c, generator=g)
+    outs = {}
+    for name, m in (("dense", dense), ("tp", eng.module)):
+        z, log_det, _ = m(z_img, y)
+        ((z * w).sum() + log_det.sum() * 0.01).backward()
+        outs[name] = (z.detach(), log_det.detach())
+    grads = {n: p.grad.full_tensor() for n, p in eng._params.items()}
+    dn = dict(dense.named_parameters())
+    # the same TP model with activation checkpointing (applied between TP and fully_shard): bit-equal gradients
+    ac_cfg = load_config(TINY, overrides + ["train.activation_checkpointing=true"])
+    ac = FSDP2Engine(ac_cfg, flow, "generator", [], topo)
+    z, log_det, _ = ac.module(z_img, y)
+    ((z * w).sum() + log_det.sum() * 0.01).backward()
+    res["ac_grad_max_diff"] = max((p.grad.full_tensor() - grads[n]).abs().max().item() for n, p in ac._params.items())
+    res["fwd_z_max_diff"] = (outs["tp"][0] - outs["dense"][0]).abs().max().item()
+    res["fwd_logdet_max_diff"] = (outs["tp"][1] - outs["dense"][1]).abs().max().item()
+    res["z_max_abs"] = outs["dense"][0].abs().max().item()
+    res["logdet_max_abs"] = outs["dense"][1].abs().max().item()
+    res["grad_max_diff"] = max((grads[n] - dn[n].grad).abs().max().item() for n in dn)
+    res["grad_max_abs"] = max(dn[n].grad.abs().max().item() for n in dn)
+    res["grad_names_equal"] = set(grads) == set(dn)
+    noise = torch.randn(2, h * h, c, generator=g)
+    yl = torch.tensor([3, 7])
+    with torch.no_grad():
+        for mode in ("deep_only", "gaussian"):
+            guide = Guidance(scale=1.5, mode=mode)
+            a = dense.inverse(noise, yl, guide, use_cache=True)
+            with eng.full_params(ema=False) as m:
+                b = m.inverse(noise, yl, guide, use_cache=True)
+            res[f"sample_{mode}_max_diff"] = (a - b).abs().max().item()
+            res[f"sample_{mode}_max_abs"] = a.abs().max().item()
+    # (2) parameters held per rank, whole generator
+    from simflow.models.layers import count_parameters
+
+    gen = FSDP2Engine(cfg, lambda: build_generator(cfg), "generator", ["flow"], topo)
+    split = sum(p.numel() for p in gen._params.values() if gen._tp_split(p))
+    res["tp"] = {"local": gen.local_numel(), "full": gen.full_numel(), "split": split,
+                 "plain": count_parameters(build_generator(cfg))}
+    dp_topo = SimpleNamespace(device=topo.device, dp_size=world, tp_size=1, dp_rank=rank, tp_rank=0)
+    gen_dp = FSDP2Engine(cfg, lambda: build_generator(cfg), "generator", ["flow"], dp_topo)
+    locals_ = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    torch.distributed.all_gather(locals_, torch.tensor([gen_dp.local_numel()]))
+    res["dp"] = {"local_all": [int(t) for t in locals_], "full": gen_dp.full_numel()}
+    # (3) protocol errors, frozen VAE
+    res["errors"] = {}
+    try:
+        gen.step()
+    except RuntimeError as e:
+        res["errors"]["step_without_backward"] = str(e)
+    sd = gen.state_dict()
+    bad = dict(sd, module=dict(sd["module"]))
+    bad["module"]["flow.blocks.0.proj_in.weight"] = torch.zeros(3, 3)
+    try:
+        gen.load_state_dict(bad)
+    except ValueError as e:
+        res["errors"]["bad_shape"] = str(e)
+    frozen_cfg = load_config(TINY, overrides + ["train.freeze_vae=true"])
+    fz = FSDP2Engine(frozen_cfg, lambda: build_generator(frozen_cfg), "generator", ["flow"], topo)
+    res["frozen_vae_trainable"] = sorted({n.split(".")[0] for n in fz._trainable})
+    if rank == 0:
+        torch.save(res, os.path.join(outdir, "fsdp2_tp.pt"))
+    destroy_topology(topo)

@@ -23,7 +23,7 @@ import torch
 from ckpt_helpers import ROOT, TINY, child_env, small_overrides, weights_of
 from simflow import storage
 from simflow.checkpoint.lock import RunLock, RunLockError, pid_start_time
-from simflow.checkpoint.sharded import flat_range_boxes, zero3_range
+from simflow.checkpoint.sharded import FlatShard, flat_range_boxes, zero3_range
 from simflow.checkpoint.store import (
     MARKER,
     CheckpointError,
@@ -71,6 +71,23 @@ def test_flat_range_boxes_and_single_process_roundtrip(tmp_path):
     assert parts["loader"] == {"consumed_samples": 28}
     with pytest.raises(CheckpointError, match="no part"):
         load_checkpoint(d, parts=["discriminator"])
+
+
+def test_flat_shard_box_is_one_dcp_chunk(tmp_path):
+    """FlatShard.wrap_box (a DTensor's local shard, as the FSDP2 engine saves it): a whole-tensor box saved by DCP
+    loads into another rank's box (rows 1-2, the TP half of the columns), an empty box has no chunk, and a box
+    outside the tensor is refused."""
+    import torch.distributed.checkpoint as dcp
+
+    full = torch.arange(12, dtype=torch.float32).view(3, 4)
+    dcp.save({"w": FlatShard.wrap_box(full.reshape(-1).clone(), (3, 4), (0, 0), (3, 4))},
+             checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    part = torch.zeros(4)
+    dcp.load({"w": FlatShard.wrap_box(part, (3, 4), (1, 2), (2, 2))}, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    assert torch.equal(part.view(2, 2), full[1:3, 2:4])
+    assert FlatShard.wrap_box(torch.zeros(0), (3, 4), (3, 0), (0, 4)).boxes == []
+    with pytest.raises(ValueError, match="outside a tensor of shape"):
+        FlatShard.wrap_box(torch.zeros(8), (3, 4), (2, 0), (2, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The training step on the DeepSpeed engine, 2 CPU processes (gloo): a NaN loss on one rank only is skipped by
-every rank, bit for bit; repeated skips stop every rank with status 3; gradients are reduced in fp32 under bf16
-autocast. Multi-process, hence ``slow``."""
+"""The training step on the DeepSpeed and the FSDP2 engines, 2 CPU processes (gloo): a NaN loss on one rank only is
+skipped by every rank, bit for bit; repeated skips stop every rank with status 3; DeepSpeed reduces gradients in
+fp32 under bf16 autocast. Multi-process, hence ``slow``."""
 
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def _equal_bits(a, b) -> bool:
     return a == b
 
 
-@pytest.fixture(scope="module")
-def nonfinite(demo_npz, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("nonfinite"))
+@pytest.fixture(scope="module", params=["deepspeed", "fsdp2"])
+def nonfinite(demo_npz, tmp_path_factory, request):
+    out = str(tmp_path_factory.mktemp(f"nonfinite_{request.param}"))
     ov = ["data.source=npz", f"data.path={demo_npz}", f"train.out_dir={out}/run", "logging.wandb=disabled",
           "train.sample_every=0", "loss.gan.start_step=0", "loss.gan.norm=group", "optim.warmup_steps=10",
-          "train.ema_decay=0.5", "model.flow.layers_per_block=[1,1,1,1]", "parallel.engine=deepspeed",
+          "train.ema_decay=0.5", "model.flow.layers_per_block=[1,1,1,1]", f"parallel.engine={request.param}",
           "train.micro_batch_size=4", "train.steps=20", "train.log_every=1", "train.max_skipped_steps=3",
           "checkpoint.every_steps=0", "checkpoint.resume=false"]
     # 0-based step 3 on rank 1 only; then steps 6, 7, 8 (1-based 7-9) on rank 0 only, which end the run in fit()

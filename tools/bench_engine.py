@@ -1,21 +1,27 @@
 #!/usr/bin/env python
-"""Benchmark the distributed engine: per-rank memory and step time of DeepSpeed ZeRO-3 against one process.
+"""Benchmark the distributed engines side by side: per-rank memory, step time and checkpoint cost of DeepSpeed ZeRO-3
+and FSDP2 (+ DTensor TP) against one process.
 
     python tools/bench_engine.py                          # CPU (gloo): tiny, local vs ZeRO-3 at DP = 1, 2, 4
+    python tools/bench_engine.py --engines deepspeed,fsdp2 --tp 2 --tp-dps 1 2   # both engines, DP = 1, 2, 4, TP=2
     python tools/bench_engine.py --config b --dps 1 2 --steps 2 --global-batch 4
     python tools/bench_engine.py --tp 2 --dps 2           # adds TP=2 x DP=2 (4 processes)
     python tools/bench_engine.py --gpu-xl 16 --steps 5    # one GPU: XL joint step at micro-batch 16, bf16, MFU
-    python tools/bench_engine.py --gpu-sanity             # one GPU: local vs DeepSpeed engine agree (tiny, bf16)
+    python tools/bench_engine.py --gpu-sanity --engines deepspeed,fsdp2   # one GPU: local vs both engines (tiny, bf16)
 
 CPU mode prints one table. Every case trains the real generator + discriminator (the trainer's ``train_step``) at the
-same global batch; the ZeRO-3 cases split it over DP ranks. Memory columns count the bytes of the tensors each
-rank holds for the generator (exact, from the engine): parameter partition, fp32 master + AdamW moments, EMA. With
-ZeRO-3 they fall as 1/DP. Step time is the median over ``--steps`` timed steps after one warm-up step; on a machine
-with fewer cores than processes the ranks share cores, so step time there shows overhead, not speed-up.
+same global batch; the sharded cases split it over DP ranks. Memory columns count the bytes of the tensors each
+rank holds for the generator (exact, from the engine): parameter shard, gradient shard (fp32, one element per local
+parameter element), optimizer (ZeRO-3: a separate fp32 master partition + AdamW moments; FSDP2: the sharded fp32
+parameter is the master, so AdamW moments only), EMA. They fall as 1/DP (TP-split weights also as 1/TP). Then each
+case saves one checkpoint (synchronous, ``simflow-checkpoint/3``) and loads it back: seconds and the extra peak RSS
+of a rank (VmHWM above the resident set before, as tools/bench_checkpoint.py measures it). Step time is the median
+over ``--steps`` timed steps after one warm-up step; on a machine with fewer cores than processes the ranks share
+cores, so step time there shows overhead, not speed-up.
 
-``--gpu-xl MB`` (used by ``tools/gpu_check_engine.sh``) runs one process on CUDA with the DeepSpeed engine at
-micro-batch MB and prints one JSON line: step time, images/s, peak memory, model FLOPs per step (counted with
-``torch.utils.flop_counter`` on one real step, forward + backward of every network in it) and
+``--gpu-xl MB`` (used by ``tools/gpu_check_engine.sh``) runs one process on CUDA with each engine of ``--engines``
+at micro-batch MB and prints one JSON line per engine: step time, images/s, peak memory, model FLOPs per step
+(counted with ``torch.utils.flop_counter`` on one real step, forward + backward of every network in it) and
 MFU = FLOPs per step / step time / 989e12 (H100/H200 dense bf16 peak).
 """
 
@@ -74,18 +80,43 @@ def _measure(tr, it, steps: int, cuda: bool):
 
 
 def _gen_bytes(engine) -> dict:
-    """Bytes of generator state on this rank: parameters, optimizer (fp32 master + moments), EMA."""
+    """Bytes of generator state on this rank: parameters, gradients, optimizer, EMA (module docstring)."""
     import torch
 
-    if hasattr(engine, "local_numel"):  # DeepSpeed ZeRO-3
+    if hasattr(engine, "local_numel"):  # DeepSpeed ZeRO-3 or FSDP2: this rank's shards
         params = engine.local_numel() * 4
         opt = engine.local_optimizer_numel() * 4
     else:  # LocalEngine: parameters are the fp32 master; AdamW keeps exp_avg and exp_avg_sq
         params = sum(p.numel() * p.element_size() for p in engine.module.parameters())
         opt = sum(v.numel() * v.element_size() for s in engine.optimizer.state.values() for v in s.values()
                   if torch.is_tensor(v) and v.dim() > 0)
-    ema = sum(e.numel() * e.element_size() for e in engine.ema.values())
-    return {"param_bytes": params, "optim_bytes": opt, "ema_bytes": ema}
+    ema = sum((e.to_local() if hasattr(e, "to_local") else e).numel() * 4 for e in engine.ema.values())
+    return {"param_bytes": params, "grad_bytes": params, "optim_bytes": opt, "ema_bytes": ema}
+
+
+def _checkpoint_cost(tr) -> dict:
+    """One synchronous save and one load of ``tr``'s state: seconds and extra peak RSS MiB of this rank."""
+    import gc
+
+    import torch
+
+    from bench_checkpoint import _reset_peak, _rss_mib  # a sibling script: tools/ is sys.path[0] (spawn keeps it)
+
+    out = {}
+    for phase in ("save", "load"):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        gc.collect()
+        base = _rss_mib("VmRSS")
+        _reset_peak()
+        t0 = time.perf_counter()
+        if phase == "save":
+            tr.save(block=True)
+        else:
+            tr.checkpointer.load_latest(lambda manifest, d: None)
+        out[f"{phase}_s"] = time.perf_counter() - t0
+        out[f"{phase}_extra_mib"] = _rss_mib("VmHWM") - base
+    return out
 
 
 def _worker(rank: int, world: int, port: int, out: str, config: str, data: str, tp: int, global_batch: int,
@@ -102,15 +133,28 @@ def _worker(rank: int, world: int, port: int, out: str, config: str, data: str, 
         from simflow.train.trainer import Trainer
 
         dp = world // tp
+        run_dir = tempfile.mkdtemp(prefix=f"simflow-bench-engine-{engine}-{world}-{tp}-") if rank == 0 else ""
         cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yaml"),
                           _overrides(data, global_batch // dp, global_batch,
                                      [f"parallel.engine={engine}", f"parallel.tp_size={tp}"]))
         topo = init_topology(cfg)
+        if topo.distributed:  # one checkpoint directory per case, rank 0's
+            box = [run_dir]
+            torch.distributed.broadcast_object_list(box, src=0)
+            run_dir = box[0]
+        cfg.train.out_dir = run_dir
         tr = Trainer(cfg, topo, build_engine=build_engine)
         it = _synthetic(cfg, cfg.train.micro_batch_size, topo.dp_rank * cfg.train.micro_batch_size)
         torch.set_num_threads(threads)  # the same for every case (DeepSpeed's build may change it)
         step_s = _measure(tr, it, steps, cuda=False)
         res = {"step_s": step_s, "threads": torch.get_num_threads(), **_gen_bytes(tr.gen)}
+        ck = _checkpoint_cost(tr)
+        peaks = [None] * world
+        if topo.distributed:
+            torch.distributed.all_gather_object(peaks, ck)
+        else:
+            peaks = [ck]
+        res.update({k: max(p[k] for p in peaks) for k in ck})  # the slowest / largest rank
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(res, f)
@@ -151,9 +195,9 @@ def cpu_case(config: str, data: str, world: int, tp: int, global_batch: int, ste
         return json.load(f)
 
 
-def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False) -> dict:
-    """One CUDA process, DeepSpeed engine (DP=1), bf16 autocast: XL joint step time, peak memory, FLOPs, MFU.
-    ``dry_run_cpu`` runs the same code path on CPU in fp32 (to check the script without a GPU)."""
+def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False, engine: str = "deepspeed") -> dict:
+    """One CUDA process, ``engine`` (DeepSpeed ZeRO-3 or FSDP2 at DP=1), bf16 autocast: XL joint step time, peak
+    memory, FLOPs, MFU. ``dry_run_cpu`` runs the same code path on CPU in fp32 (to check the script without a GPU)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -167,7 +211,7 @@ def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False) -> di
         raise ValueError("--gpu-xl needs CUDA")
     data = _demo(tempfile.gettempdir())
     cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yaml"),
-                      _overrides(data, micro, 0, ["parallel.engine=deepspeed", "data.num_workers=0",
+                      _overrides(data, micro, 0, [f"parallel.engine={engine}", "data.num_workers=0",
                                                   f"train.precision={'bf16' if cuda else 'fp32'}"]))
     topo = init_topology(cfg)
     t0 = time.perf_counter()
@@ -183,7 +227,8 @@ def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False) -> di
         torch.cuda.reset_peak_memory_stats()
     step_s = _measure(tr, it, steps, cuda=cuda)
     res = {
-        "config": config, "micro_batch": micro, "precision": "bf16 autocast" if cuda else "fp32 (CPU dry run)",
+        "config": config, "engine": engine, "micro_batch": micro,
+        "precision": "bf16 autocast" if cuda else "fp32 (CPU dry run)",
         "build_s": build_s, "step_s": step_s, "img_per_s": micro / step_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "flops_per_step": flops, "tflops_per_s": flops / step_s / 1e12, "mfu": flops / step_s / PEAK_BF16_FLOPS,
@@ -193,10 +238,11 @@ def gpu_xl(micro: int, steps: int, config: str, dry_run_cpu: bool = False) -> di
     return res
 
 
-def gpu_sanity(steps: int, dry_run_cpu: bool = False) -> dict:
-    """CUDA correctness check on the tiny config (seconds): the local engine and the DeepSpeed engine (NCCL, DP=1,
-    bf16 autocast) train ``steps`` identical steps; losses agree to bf16 accuracy; the EMA model sampled through
-    ``full_params`` equals the exported weights sampled in a plain model."""
+def gpu_sanity(steps: int, dry_run_cpu: bool = False, engines=("deepspeed",)) -> dict:
+    """CUDA correctness check on the tiny config (seconds): the local engine and each sharded engine of ``engines``
+    (NCCL, DP=1, bf16 autocast; FSDP2 with bf16 parameters and fp32 reduction) train ``steps`` identical steps;
+    losses agree to bf16 accuracy; the EMA model sampled through ``full_params`` equals the exported weights sampled
+    in a plain model."""
     import torch
 
     from simflow.config import load_config
@@ -211,14 +257,14 @@ def gpu_sanity(steps: int, dry_run_cpu: bool = False) -> dict:
         raise ValueError("--gpu-sanity needs CUDA")
     data = _demo(tempfile.gettempdir())
     base = _overrides(data, 8, 0, [f"train.device={'cuda' if cuda else 'cpu'}", "loss.gan.norm=group"])
-    metrics = {}
-    for engine in ("local", "deepspeed"):
+    metrics, samples = {}, {}
+    for engine in ("local", *engines):
         cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), base + [f"parallel.engine={engine}"])
         topo = init_topology(cfg)
         tr = Trainer(cfg, topo, build_engine=build_engine)
         it = iter(tr.loader)
         metrics[engine] = [tr.train_step_logged(it)["loss"] for _ in range(steps)]
-        if engine == "deepspeed":
+        if engine != "local":
             idx = torch.arange(4)
             with torch.no_grad(), tr.gen.full_params(ema=True) as m:
                 m.eval()
@@ -228,11 +274,16 @@ def gpu_sanity(steps: int, dry_run_cpu: bool = False) -> dict:
             plain.to(topo.device).eval()
             with torch.no_grad():
                 x_plain = sample_images(plain, idx, idx % 10, cfg.sample, topo.device, torch.float32).float().cpu()
+            samples[engine] = ((x_sharded - x_plain).abs().max().item(), x_plain.abs().max().item())
         destroy_topology(topo)
-    rel = max(abs(a - b) / max(abs(a), 1e-3) for a, b in zip(metrics["local"], metrics["deepspeed"]))
-    return {"losses_local": metrics["local"], "losses_deepspeed": metrics["deepspeed"], "max_rel_loss_diff": rel,
-            "sample_max_diff": (x_sharded - x_plain).abs().max().item(), "sample_max_abs": x_plain.abs().max().item(),
-            "ok": rel < 2e-2 and (x_sharded - x_plain).abs().max().item() < 1e-4 * max(1.0, x_plain.abs().max().item())}
+    out = {"losses_local": metrics["local"], "ok": True}
+    for engine in engines:
+        rel = max(abs(a - b) / max(abs(a), 1e-3) for a, b in zip(metrics["local"], metrics[engine]))
+        diff, scale = samples[engine]
+        out.update({f"losses_{engine}": metrics[engine], f"max_rel_loss_diff_{engine}": rel,
+                    f"sample_max_diff_{engine}": diff, f"sample_max_abs_{engine}": scale})
+        out["ok"] = out["ok"] and rel < 2e-2 and diff < 1e-4 * max(1.0, scale)
+    return out
 
 
 def _demo(folder: str) -> str:
@@ -252,8 +303,12 @@ def _mib(b: float) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
-    p.add_argument("--dps", nargs="+", type=int, default=[1, 2, 4], help="data-parallel sizes for ZeRO-3 (TP=1)")
-    p.add_argument("--tp", type=int, default=1, help="also run TP=tp x DP for each --dps (tp x dp processes)")
+    p.add_argument("--engines", default="deepspeed",
+                   help="comma-separated sharded engines to compare: deepspeed, fsdp2 (default deepspeed)")
+    p.add_argument("--dps", nargs="+", type=int, default=[1, 2, 4], help="data-parallel sizes of the sharded "
+                   "engines (TP=1)")
+    p.add_argument("--tp", type=int, default=1, help="also run TP=tp x DP for each --tp-dps (tp x dp processes)")
+    p.add_argument("--tp-dps", nargs="+", type=int, help="data-parallel sizes of the TP cases (default: --dps)")
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1,
@@ -261,7 +316,7 @@ def main(argv=None) -> int:
                         "more threads than free cores make OpenMP regions wait, which swamps the comparison)")
     p.add_argument("--gpu-xl", type=int, metavar="MICRO_BATCH", help="CUDA: XL step at this micro-batch, JSON out")
     p.add_argument("--gpu-config", default="xl")
-    p.add_argument("--gpu-sanity", action="store_true", help="CUDA: local vs DeepSpeed engine on tiny, JSON out")
+    p.add_argument("--gpu-sanity", action="store_true", help="CUDA: local vs the --engines on tiny, JSON out")
     p.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     # bad input exits 2 naming the flag, before any work (argparse's error: usage + message on stderr)
@@ -277,17 +332,24 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             p.error(f"{'--gpu-sanity' if a.gpu_sanity else '--gpu-xl'} needs CUDA")
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ("deepspeed", "fsdp2")]
+    if bad or not engines:
+        p.error(f"--engines={a.engines!r}: unknown engine(s) {bad}; choose from deepspeed, fsdp2")
     if a.gpu_sanity:
-        r = gpu_sanity(a.steps, a.dry_run_cpu)
+        r = gpu_sanity(a.steps, a.dry_run_cpu, engines)
         print(json.dumps(r), flush=True)
         return 0 if r["ok"] else 1
     if a.gpu_xl:
-        print(json.dumps(gpu_xl(a.gpu_xl, a.steps, a.gpu_config, a.dry_run_cpu)), flush=True)
+        for engine in engines:  # one JSON line per engine
+            print(json.dumps(gpu_xl(a.gpu_xl, a.steps, a.gpu_config, a.dry_run_cpu, engine)), flush=True)
         return 0
     data = _demo(tempfile.gettempdir())
-    cases = [("local", 1, 1)] + [("deepspeed", dp, 1) for dp in a.dps]
-    if a.tp > 1:
-        cases += [("deepspeed", dp * a.tp, a.tp) for dp in a.dps]
+    cases = [("local", 1, 1)]
+    for engine in engines:
+        cases += [(engine, dp, 1) for dp in a.dps]
+        if a.tp > 1:
+            cases += [(engine, dp * a.tp, a.tp) for dp in (a.tp_dps or a.dps)]
     rows = []
     for engine, world, tp in cases:
         if a.global_batch % (world // tp):
@@ -298,21 +360,24 @@ def main(argv=None) -> int:
         r["wall_s"] = time.time() - t0
         rows.append((engine, world, tp, r))
         print(f"done {engine} world={world} tp={tp} in {r['wall_s']:.0f}s", file=sys.stderr, flush=True)
-    base = next((r for e, w, t, r in rows if e == "deepspeed" and w == 1), rows[0][3])
+    def state(r) -> int:
+        return r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"] + r["ema_bytes"]
+
+    base = rows[0][3]  # the local engine, one process
     print(f"\nconfig {a.config}, global batch {a.global_batch}, {os.cpu_count()} CPU cores, {a.threads} thread(s) per "
-          f"process, generator state per rank")
-    hdr = (f"{'engine':<10}{'procs':>6}{'TP':>4}{'DP':>4}{'micro':>6}{'params MiB':>12}{'optim MiB':>11}"
-           f"{'EMA MiB':>9}{'x DP=1':>8}{'step s':>9}")
-    print(hdr)
-    print("-" * len(hdr))
+          f"process, generator state per rank (MiB), checkpoint of generator + discriminator")
+    print("| engine | procs | TP | DP | micro | params | grads | optim | EMA | state x local | step s | "
+          "ckpt save s | save extra MiB/rank | ckpt load s | load extra MiB/rank |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for engine, world, tp, r in rows:
         dp = world // tp
-        total = r["param_bytes"] + r["optim_bytes"] + r["ema_bytes"]
-        ratio = total / (base["param_bytes"] + base["optim_bytes"] + base["ema_bytes"])
-        print(f"{engine:<10}{world:>6}{tp:>4}{dp:>4}{a.global_batch // dp:>6}{_mib(r['param_bytes']):>12}"
-              f"{_mib(r['optim_bytes']):>11}{_mib(r['ema_bytes']):>9}{ratio:>8.3f}{r['step_s']:>9.3f}")
-    print("(x DP=1: all generator state of one rank relative to ZeRO-3 at DP=1; ZeRO-3 in fp32 keeps a parameter "
-          "partition and a separate fp32 master partition)")
+        print(f"| {engine} | {world} | {tp} | {dp} | {a.global_batch // dp} | {_mib(r['param_bytes'])} | "
+              f"{_mib(r['grad_bytes'])} | {_mib(r['optim_bytes'])} | {_mib(r['ema_bytes'])} | "
+              f"{state(r) / state(base):.3f} | {r['step_s']:.3f} | {r['save_s']:.2f} | {r['save_extra_mib']:.0f} | "
+              f"{r['load_s']:.2f} | {r['load_extra_mib']:.0f} |")
+    print("(state x local: parameters + gradients + optimizer + EMA of one rank relative to the local engine; ZeRO-3 "
+          "in fp32 keeps a parameter partition and a separate fp32 master partition, FSDP2 one fp32 shard; times "
+          "and extra RSS are the slowest / largest rank's)")
     return 0
 
 

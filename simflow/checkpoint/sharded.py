@@ -124,6 +124,30 @@ class FlatShard(torch.Tensor):
             boxes.append((tuple(off), tuple(size)))
             starts.append(pos)
             pos += math.prod(size)
+        return FlatShard._make(flat, full_shape, boxes, starts)
+
+    @staticmethod
+    def wrap_box(flat: torch.Tensor, full_shape: Sequence[int], offset: Sequence[int],
+                 size: Sequence[int]) -> "FlatShard":
+        """One rectangle of the full tensor: ``full[offset[0]:offset[0]+size[0], ...]`` held row-major in ``flat``
+        (a DTensor's local shard, e.g. FSDP2's ``Shard(0)`` over DP on top of a TP ``Shard(d)``, flattened). An
+        empty rectangle (a DP rank that owns no rows) gives no chunk.
+
+        Raises:
+            ValueError: ``flat`` is not 1-D, is shorter than the box, or the box leaves the tensor.
+        """
+        full_shape = tuple(int(s) for s in full_shape)
+        offset, size = tuple(int(o) for o in offset), tuple(int(s) for s in size)
+        n = math.prod(size)
+        if flat.dim() != 1 or flat.numel() < n:
+            raise ValueError(f"FlatShard: need a 1-D tensor of >= {n} elements, got {tuple(flat.shape)}")
+        if len(offset) != len(full_shape) or any(o < 0 or o + s > f for o, s, f in zip(offset, size, full_shape)):
+            raise ValueError(f"FlatShard: box at {offset} of size {size} is outside a tensor of shape {full_shape}")
+        boxes = [(offset, size)] if n else []
+        return FlatShard._make(flat, full_shape, boxes, [0] * len(boxes))
+
+    @staticmethod
+    def _make(flat: torch.Tensor, full_shape: Tuple[int, ...], boxes: List[Box], starts: List[int]) -> "FlatShard":
         self = torch.Tensor._make_subclass(FlatShard, flat.detach(), False)
         self._plain = flat.detach()
         self.boxes, self.starts, self.global_shape = boxes, starts, full_shape

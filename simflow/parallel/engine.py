@@ -30,7 +30,8 @@ is consumed, not retried (the data order is a pure function of position; retryin
 trainer counts skips (``skipped_steps``) and stops the run after ``train.max_skipped_steps`` consecutive ones.
 
 :class:`LocalEngine` implements it for one process (CPU or one GPU). ``simflow.parallel.deepspeed_engine``
-implements it with DeepSpeed ZeRO-3 (+ megatron-core tensor parallelism).
+implements it with DeepSpeed ZeRO-3 (+ megatron-core tensor parallelism), ``simflow.parallel.fsdp2_engine`` with
+FSDP2 (+ DTensor tensor parallelism); the two save the same checkpoints.
 """
 
 from __future__ import annotations

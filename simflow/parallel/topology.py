@@ -47,7 +47,7 @@ def check_parallel_config(cfg: SimFlowConfig, world_size: int, source: str = "<c
     Rules: ``world_size % tp_size == 0``; the flow's attention heads divide by ``tp_size``; if
     ``train.global_batch_size`` is set, ``train.grad_accumulation`` is derived from it for this DP size (in place,
     :func:`simflow.config.derive_grad_accumulation`: the elastic rule, the same at every restart and under
-    ``slurm/train.sh``) and must come out whole; TP > 1 needs the DeepSpeed engine (the local engine holds one
+    ``slurm/train.sh``) and must come out whole; TP > 1 needs a distributed engine (the local engine holds one
     process and no tensor-parallel groups).
 
     Raises:
@@ -62,7 +62,7 @@ def check_parallel_config(cfg: SimFlowConfig, world_size: int, source: str = "<c
     if cfg.parallel.engine == "local" and world_size > 1:
         raise ConfigError(
             f"{source}: parallel.engine='local' runs in one process, but the world size is {world_size}; "
-            "use parallel.engine=deepspeed"
+            "use parallel.engine=deepspeed or parallel.engine=fsdp2"
         )
     if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage != 3:
         raise ConfigError(f"{source}: parallel.zero_stage={cfg.parallel.zero_stage}: only ZeRO stage 3 is supported")
@@ -83,7 +83,7 @@ class Topology:
             global rank; ZeRO-3 partitions parameters over the DP group.
         device: ``cpu`` or ``cuda:<local_rank>``.
         backend: ``gloo`` or ``nccl`` (``None`` when no process group was started: world size 1, local engine).
-        engine: ``local`` or ``deepspeed`` (from ``parallel.engine``).
+        engine: ``local``, ``deepspeed`` or ``fsdp2`` (from ``parallel.engine``).
     """
 
     env: DistEnv
@@ -207,7 +207,7 @@ def init_topology(
     device = resolve_device(cfg.train.device, env.local_rank, "train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    need_pg = env.world_size > 1 or cfg.parallel.engine == "deepspeed" or cfg.parallel.tp_size > 1
+    need_pg = env.world_size > 1 or cfg.parallel.engine != "local" or cfg.parallel.tp_size > 1
     if not need_pg:
         return Topology.single(device, cfg.parallel.engine, env)
 
