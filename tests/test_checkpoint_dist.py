@@ -131,7 +131,7 @@ def fsdp2_dp1(demo_npz, tmp_path_factory):
 def test_fsdp2_losses_equal_across_world_sizes_and_deepspeed(run, tp2dp2, request):
     """FSDP2 in 1 process, 2 (DP=2) and 4 (TP=2 x DP=2), same global batch: the 5 steps' losses equal the DeepSpeed
     ZeRO-3 TP=2 x DP=2 run's within 1e-5 relative, every loss term and the gradient norm."""
-    ref, got = _metrics(tp2dp2), _metrics(request.getfixturevalue(run))
+    ref, got = metrics_by_step(tp2dp2), metrics_by_step(request.getfixturevalue(run))
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in got:
         for key in ("loss", "nll", "rec", "gan", "d_loss", "grad_norm"):
@@ -149,7 +149,7 @@ def _resume(src_run, out, demo_npz, world, tp, engine):
                          f"train.steps={STEPS}", "checkpoint.every_steps=0", "train.run_id=xtopo")
     logs = _run(world, ov, out)
     assert f"resumed from {os.path.join(out, 'checkpoints', os.path.basename(src))} at step {SAVE_AT} " in logs
-    return _metrics(out)
+    return metrics_by_step(out)
 
 
 @pytest.mark.parametrize("layout", ["deepspeed-dp2", "fsdp2-dp1"])
@@ -158,7 +158,7 @@ def test_fsdp2_checkpoint_resumes_under_either_engine(layout, fsdp2_tp2dp2, demo
     steps 4 and 5 equal the uninterrupted FSDP2 run within 1e-6 (the gradient norm 5e-6, as above)."""
     engine, topo = layout.split("-")
     world = {"dp1": 1, "dp2": 2}[topo]
-    got, ref = _resume(fsdp2_tp2dp2, str(tmp_path / layout), demo_npz, world, 1, engine), _metrics(fsdp2_tp2dp2)
+    got, ref = _resume(fsdp2_tp2dp2, str(tmp_path / layout), demo_npz, world, 1, engine), metrics_by_step(fsdp2_tp2dp2)
     assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
     for step in got:
         for key in ("loss", "nll", "rec", "gan", "d_loss", "grad_norm"):
@@ -172,7 +172,7 @@ def test_fsdp2_exact_resume_at_the_same_topology(fsdp2_dp2, demo_npz, tmp_path):
     from safetensors.torch import load_file
 
     out = str(tmp_path / "again")
-    got, ref = _resume(fsdp2_dp2, out, demo_npz, 2, 1, "fsdp2"), _metrics(fsdp2_dp2)
+    got, ref = _resume(fsdp2_dp2, out, demo_npz, 2, 1, "fsdp2"), metrics_by_step(fsdp2_dp2)
     for step in got:
         a = {k: v for k, v in got[step].items() if k != "img_per_s"}
         assert a == {k: v for k, v in ref[step].items() if k != "img_per_s"}, step
