@@ -212,7 +212,8 @@ def write_report(points: Sequence[Dict[str, Any]], md: str, png: str, meta: Dict
         f"- commit: `{meta['commit']}`; seeds: {meta['seeds']}; CFG mode `{meta['cfg_mode']}`; "
         f"{meta['num_samples']} samples per point against the {meta['num_reference']} test images",
         "- demo-FID is NOT Inception FID (Fashion-MNIST CNN features, docs/demo_fid.md); the floor for 1,000 real "
-        "images is 0.151. Wall times are to the checkpoint on a 2-core machine shared with other jobs.",
+        "images is 0.151. Train wall = from the checkpoint root's creation (its run.json; for a converted root: "
+        "from the resume) to the checkpoint, on a 2-core machine shared with other jobs.",
         "",
         "| run | step | train wall (min) | " + " | ".join(f"demo-FID / acc, w={w}" for w in scales) +
         " | best w |",
@@ -281,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     history = json.load(open(log_path)) if os.path.isfile(log_path) else []
     command = shlex.join(["python", "tools/convergence.py", *sys.argv[1:]])
-    if not history or history[-1]["command"] != command:  # a repeated invocation (e.g. a scoring loop) is one entry
+    if all(h["command"] != command for h in history):  # a repeated invocation (e.g. a scoring loop) is one entry
         history.append({"command": command, "commit": git_commit(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     with open(log_path, "w") as f:
