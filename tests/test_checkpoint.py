@@ -558,3 +558,68 @@ def test_old_format_is_refused_naming_the_converter_which_converts_it(tmp_path, 
     assert b.resume_report["loaded"] == os.path.join(new_root, "step-0000002")
     assert [h["loss"] for h in a.history + b.history] == [h["loss"] for h in ref.history]
     assert convert_main([os.path.join(new_root, "step-0000002"), str(tmp_path / "x")]) == 2  # not a v2 step
+
+
+def _legacy_qkv_state(state: dict, head_dim: int) -> dict:
+    """A generator engine state as the code before the fused QKV projection (aa244c8) saved it: every
+    ``attn.qkv.{weight,bias}`` split back into ``attn.q/k/v`` (module, EMA, Adam moments) in registration order
+    q.weight, q.bias, k.weight, ..., and the optimizer state re-indexed by that parameter order."""
+
+    def split(t):  # inverse of simflow.models.flow.fuse_qkv
+        heads = t.shape[0] // (3 * head_dim)
+        return t.reshape(heads, 3, head_dim, *t.shape[1:]).transpose(0, 1).reshape(3, t.shape[0] // 3, *t.shape[1:])
+
+    def expand(d):
+        out = {}
+        for k, v in d.items():
+            if ".attn.qkv." not in k:
+                out[k] = v
+            elif k.endswith("weight"):
+                base = k[: -len("qkv.weight")]
+                w, b = split(v), split(d[base + "qkv.bias"])
+                for i, x in enumerate("qkv"):
+                    out[f"{base}{x}.weight"], out[f"{base}{x}.bias"] = w[i].clone(), b[i].clone()
+        return out
+
+    names = list(state["module"])  # parameters in registration order (the generator has no buffers)
+    by_name = {names[i]: st for i, st in state["optimizer"]["state"].items()}
+    legacy_opt = {}
+    for n in names:
+        if ".attn.qkv.weight" not in n and ".attn.qkv.bias" not in n:
+            legacy_opt[n] = by_name[n]
+        elif n.endswith("weight"):
+            base = n[: -len("qkv.weight")]
+            for i, x in enumerate("qkv"):
+                for kind in ("weight", "bias"):
+                    st = by_name[f"{base}qkv.{kind}"]
+                    legacy_opt[f"{base}{x}.{kind}"] = {"step": st["step"], **{m: split(st[m])[i].clone()
+                                                                             for m in ("exp_avg", "exp_avg_sq")}}
+    group = {**state["optimizer"]["param_groups"][0], "params": list(range(len(legacy_opt)))}
+    return {"module": expand(state["module"]), "ema": expand(state["ema"]), "steps": state["steps"],
+            "optimizer": {"state": dict(enumerate(legacy_opt.values())), "param_groups": [group]}}
+
+
+def test_converter_fuses_a_step_saved_before_the_fused_qkv_projection(tmp_path, demo_npz):
+    """A ``simflow-checkpoint/2`` step with separate q/k/v attention layers (weights, EMA and Adam moments, the
+    optimizer indexed by the old parameter order) converts and resumes with the losses of an uninterrupted run."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from convert_checkpoint import main as convert_main
+
+    from simflow.config import to_dict
+
+    ref = Trainer(cfg_for(demo_npz, tmp_path / "ref", "train.steps=4", "checkpoint.every_steps=0"))
+    ref.fit()
+    a = Trainer(cfg_for(demo_npz, tmp_path / "old", "train.steps=2", "checkpoint.every_steps=0",
+                        "checkpoint.resume=false", "checkpoint.dir=" + str(tmp_path / "scratch")))
+    a.fit()
+    gen = _legacy_qkv_state(a.gen.state_dict(), a.cfg.model.flow.head_dim)
+    assert any(k.endswith(".attn.q.weight") for k in gen["module"]) and not any(".qkv." in k for k in gen["ema"])
+    parts = {"generator": gen, "discriminator": a.disc.state_dict(), "loader": a.loader.state_dict(),
+             "trainer": {"step": 2}}
+    src = _write_v2_step(str(tmp_path / "old" / "checkpoints"), 2, parts, {"run_id": "old", "config": to_dict(a.cfg)})
+    new_root = str(tmp_path / "old" / "checkpoints-v3")
+    assert convert_main([src, new_root]) == 0
+    b = Trainer(cfg_for(demo_npz, tmp_path / "old", "train.steps=4", "checkpoint.every_steps=0",
+                        f"checkpoint.dir={new_root}", "train.run_id=old"))
+    b.fit()
+    assert [h["loss"] for h in a.history + b.history] == [h["loss"] for h in ref.history]

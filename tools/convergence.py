@@ -158,11 +158,13 @@ def write_plot(points: Sequence[Dict[str, Any]], path: str, num_samples: int) ->
         for seed in sorted({p["seed"] for p in pts}):
             sp = [p for p in pts if p["seed"] == seed]
             steps = [p["step"] for p in sp]
+            mark = "osD^v"[seed % 5]  # one marker per seed, one colour per variant
             for ax, key in ((axes[0], "demo_fid"), (axes[1], "class_accuracy")):
-                ax.plot(steps, [_best(p)[1][key] for p in sp], "-o", color=colour,
+                ax.plot(steps, [_best(p)[1][key] for p in sp], "-" + mark, color=colour, ms=4,
                         label=f"{label}, best CFG, seed {seed}")
-                if "0" in sp[0]["scores"]:
-                    ax.plot(steps, [p["scores"]["0"][key] for p in sp], "--x", color=colour, alpha=0.6,
+                unguided = [(p["step"], p["scores"]["0"][key]) for p in sp if "0" in p["scores"]]
+                if unguided:
+                    ax.plot(*zip(*unguided), "--" + mark, color=colour, alpha=0.5, ms=3, mfc="none",
                             label=f"{label}, no CFG, seed {seed}")
     for p in points:
         if p["variant"].startswith("a_nll"):
@@ -171,6 +173,7 @@ def write_plot(points: Sequence[Dict[str, Any]], path: str, num_samples: int) ->
                 ax.annotate(p["variant"][5:], (p["step"], _best(p)[1][key]), fontsize=7)
     axes[0].set_ylabel(f"demo-FID (NOT Inception FID), {num_samples} samples")
     axes[1].set_ylabel("class accuracy of samples")
+    axes[0].axhline(8, color="grey", lw=0.5)  # issue 15's bars: demo-FID 8, class accuracy 0.8
     axes[1].axhline(0.8, color="grey", lw=0.5)
     for ax in axes:
         ax.set_xlabel("training steps (global batch 32)")
@@ -201,7 +204,8 @@ def write_report(points: Sequence[Dict[str, Any]], md: str, png: str, meta: Dict
         f"- commit: `{meta['commit']}`; seeds: {meta['seeds']}; CFG mode `{meta['cfg_mode']}`; "
         f"{meta['num_samples']} samples per point against the {meta['num_reference']} test images",
         "- demo-FID is NOT Inception FID (Fashion-MNIST CNN features, docs/demo_fid.md); the floor for 1,000 real "
-        "images is 0.151. Wall times are to the checkpoint on a 2-core machine shared with other jobs.",
+        "images is 0.151. Train wall = from the checkpoint root's creation (its run.json; for a converted root: "
+        "from the resume) to the checkpoint, on a 2-core machine shared with other jobs.",
         "",
         "| run | step | train wall (min) | " + " | ".join(f"demo-FID / acc, w={w}" for w in scales) +
         " | best w |",
@@ -270,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     history = json.load(open(log_path)) if os.path.isfile(log_path) else []
     command = shlex.join(["python", "tools/convergence.py", *sys.argv[1:]])
-    if not history or history[-1]["command"] != command:  # a repeated invocation (e.g. a scoring loop) is one entry
+    if all(h["command"] != command for h in history):  # a repeated invocation (e.g. a scoring loop) is one entry
         history.append({"command": command, "commit": code_version(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
     with open(log_path, "w") as f:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 from typing import Any, Dict
 
@@ -70,19 +71,64 @@ def trainable_names(cfg, part: str) -> list:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def legacy_names(names: list) -> list:
+    """``names`` with every fused ``attn.qkv.weight, attn.qkv.bias`` pair expanded back into the ``attn.q/k/v``
+    weight and bias entries the model had before the fused QKV projection (commit aa244c8), in their registration
+    order (q.weight, q.bias, k.weight, ...): the parameter order an old optimizer state is indexed by."""
+    out = []
+    for n in names:
+        m = re.fullmatch(r"(.*attn\.)qkv\.(weight|bias)", n)
+        if not m:
+            out.append(n)
+        elif m.group(2) == "weight":
+            out += [f"{m.group(1)}{x}.{kind}" for x in ("q", "k", "v") for kind in ("weight", "bias")]
+    return out
+
+
+def _fuse_optimizer(named: Dict[str, Any], head_dim: int) -> Dict[str, Any]:
+    """Adam moments of legacy q/k/v parameters fused like the weights (:func:`simflow.models.flow.fuse_qkv`); the
+    moments are elementwise, so the fused state is the exact state of the fused parameter."""
+    from simflow.models.flow import convert_legacy_qkv
+
+    if not any(re.search(r"attn\.q\.(weight|bias)$", n) for n in named):
+        return named
+    out = {n: st for n, st in named.items() if not re.search(r"attn\.[qkv]\.(weight|bias)$", n)}
+    for key in ("exp_avg", "exp_avg_sq"):
+        legacy = {n: st[key] for n, st in named.items() if re.search(r"attn\.[qkv]\.(weight|bias)$", n)}
+        for n, t in convert_legacy_qkv(legacy, head_dim).items():
+            q = n.replace("qkv.", "q.")
+            out.setdefault(n, {k: v for k, v in named[q].items() if k not in ("exp_avg", "exp_avg_sq")})[key] = t
+    return out
+
+
 def convert(src: str, dst_root: str) -> str:
     from simflow.config import from_dict
+    from simflow.models.flow import convert_legacy_qkv
 
     parts, manifest = read_old(src)
     cfg = from_dict(manifest["config"])
+    head_dim = int(cfg.model.flow.head_dim)
     new: Dict[str, Any] = {}
     for name, state in parts.items():
         if name in ("generator", "discriminator"):
             names = trainable_names(cfg, name)
             opt = state.get("optimizer", {})
+            if name == "generator" and len(opt.get("state", {})) > len(names):
+                names = legacy_names(names)  # saved before the fused QKV projection
+                params = [k for k in state["module"] if k in set(names)]
+                if params != names:
+                    raise CheckpointError(f"{src}: generator parameters {params[:4]}... are not the legacy q/k/v "
+                                          f"layout of today's model {names[:4]}...")
+            if len(opt.get("state", {})) > len(names):
+                raise CheckpointError(f"{src}: {name} optimizer state has {len(opt['state'])} entries, the model "
+                                      f"{len(names)} trainable parameters")
             named = {names[int(i)]: st for i, st in opt.get("state", {}).items()}
+            module, ema = state["module"], state.get("ema", {})
+            if name == "generator":
+                named = _fuse_optimizer(named, head_dim)
+                module, ema = convert_legacy_qkv(module, head_dim), convert_legacy_qkv(ema, head_dim)
             group = {k: v for k, v in (opt.get("param_groups") or [{}])[0].items() if k != "params"}
-            new[name] = {"module": state["module"], "ema": state.get("ema", {}), "steps": state["steps"],
+            new[name] = {"module": module, "ema": ema, "steps": state["steps"],
                          "optimizer": {"state": named, "param_group": {k: v for k, v in group.items()
                                                                        if isinstance(v, (int, float, str, bool))}}}
         else:
