@@ -60,12 +60,12 @@ import torch.distributed as dist
 from torch import nn
 
 from simflow.config import SimFlowConfig, global_batch_size
-from simflow.parallel.engine import (NONFINITE_GRAD_NORM, NONFINITE_LOSS, BufferGuard, Engine, ema_decay_at, lr_at,
-                                     optimizer_settings)
+from simflow.parallel.engine import (ADAM_KEYS, NONFINITE_GRAD_NORM, NONFINITE_LOSS, BufferGuard, Engine,
+                                     ema_decay_at, lr_at, optimizer_settings, requires_grad_off,
+                                     sharded_load_targets)
 from simflow.parallel.mpu import MegatronMPU
 from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
 
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def uses_bf16(cfg: SimFlowConfig, device: torch.device) -> bool:
@@ -370,16 +370,12 @@ class DeepSpeedEngine(Engine):
         bare module (no DeepSpeed output hooks, so the *other* engine's backward does not run this engine's
         prologue or loss scaling). ZeRO-3 still gathers the parameters for the forward and, in that backward, for
         the input gradients; it reduces nothing. Used for D(x_hat) in the generator loss (REPA-E style)."""
-        flags = [(p, p.requires_grad) for p in self.inner.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
         self._frozen_depth += 1
         try:
-            yield
+            with requires_grad_off(self.inner.parameters()):
+                yield
         finally:
             self._frozen_depth -= 1
-            for p, f in flags:
-                p.requires_grad_(f)
 
     # ------------------------------------------------------------------------------------------------------
     # EMA
@@ -624,21 +620,10 @@ class DeepSpeedEngine(Engine):
     def load_targets(self, meta: Dict) -> Dict[str, torch.Tensor]:
         """Zeroed partition-sized buffers (as FlatShards of this rank's chunks at the *current* TP/DP layout) for
         every parameter, its moments (when the checkpoint has them) and its EMA, and full buffers."""
-        unknown = sorted(set(meta.get("optim_step", {})) - set(self._trainable))
-        if unknown:
-            raise KeyError(f"{self.role} state: optimizer state for {unknown[:5]}, which this model does not train")
-        if set(meta.get("ema", [])) != set(self.ema):
-            raise KeyError(f"{self.role} state: checkpoint EMA entries {sorted(meta.get('ema', []))[:5]} differ from "
-                           f"the ones this model tracks {sorted(self.ema)[:5]}")
-        out: Dict[str, torch.Tensor] = {}
-        for name, p in self._params.items():
-            part = int(p.ds_tensor.ds_numel)
-            out[f"module/{name}"] = self._shard(p, torch.zeros(part, dtype=torch.float32))
-            if name in meta.get("optim_step", {}):
-                for k in ADAM_KEYS:
-                    out[f"optim/{name}/{k}"] = self._shard(p, torch.zeros(part, dtype=torch.float32))
-            if name in self.ema:
-                out[f"ema/{name}"] = self._shard(p, torch.zeros(part, dtype=torch.float32))
+        def zeros(p: nn.Parameter) -> torch.Tensor:
+            return self._shard(p, torch.zeros(int(p.ds_tensor.ds_numel), dtype=torch.float32))
+
+        out = sharded_load_targets(self.role, meta, self._params, list(self._trainable), list(self.ema), zeros)
         if self.dp_rank == 0 and self.tp_rank == 0:  # the others receive them by broadcast (apply_loaded)
             out.update({f"module/{k}": torch.zeros_like(b, device="cpu") for k, b in self.inner.named_buffers()
                         if b is not None})

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -191,6 +191,52 @@ class Engine:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def requires_grad_off(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """``requires_grad`` off for every parameter in ``params`` inside the block, each put back to its own value after
+    (also on error): the body of every engine's :meth:`Engine.frozen`."""
+    flags = [(p, p.requires_grad) for p in params]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter moments, as the checkpoint names them
+
+
+def sharded_load_targets(role: str, meta: Dict[str, Any], params: Dict[str, Any], trainable: Sequence[str],
+                         ema: Sequence[str], zeros: Callable[[Any], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The Checkpointer's load targets of a sharded engine (DeepSpeed, FSDP2): ``module/<n>`` for every parameter,
+    ``optim/<n>/exp_avg`` and ``optim/<n>/exp_avg_sq`` when the checkpoint has moments for it, ``ema/<n>`` for every
+    EMA entry; each one a fresh zero buffer ``zeros(p)`` (this rank's chunks of the full tensor at the current
+    layout). Buffers (BatchNorm statistics) are the engine's own business.
+
+    Raises:
+        KeyError: the checkpoint (``meta`` from the engine's ``sharded_state``) has optimizer state for parameters
+            this model does not train, or other EMA entries than this model tracks; the message names them.
+    """
+    saved_optim = meta.get("optim_step", {})
+    unknown = sorted(set(saved_optim) - set(trainable))
+    if unknown:
+        raise KeyError(f"{role} state: optimizer state for {unknown[:5]}, which this model does not train")
+    if set(meta.get("ema", [])) != set(ema):
+        raise KeyError(f"{role} state: checkpoint EMA entries {sorted(meta.get('ema', []))[:5]} differ from "
+                       f"the ones this model tracks {sorted(ema)[:5]}")
+    out: Dict[str, torch.Tensor] = {}
+    for n, p in params.items():
+        out[f"module/{n}"] = zeros(p)
+        if n in saved_optim:
+            for k in ADAM_KEYS:
+                out[f"optim/{n}/{k}"] = zeros(p)
+        if n in ema:
+            out[f"ema/{n}"] = zeros(p)
+    return out
+
+
 class LocalEngine(Engine):
     """Single-process engine (CPU or one GPU): plain parameters, fused ``torch.optim.AdamW``, fp32 master weights.
 
@@ -295,14 +341,8 @@ class LocalEngine(Engine):
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """Parameters receive no gradients inside the block (the discriminator during the generator pass)."""
-        flags = [(p, p.requires_grad) for p in self.module.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
+        with requires_grad_off(self.module.parameters()):
             yield
-        finally:
-            for p, f in flags:
-                p.requires_grad_(f)
 
     def state_dict(self) -> Dict:
         return {

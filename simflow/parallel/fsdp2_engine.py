@@ -39,11 +39,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from simflow.config import SimFlowConfig
-from simflow.parallel.engine import BufferGuard, Engine, ema_decay_at, lr_at, nonfinite_bits, optimizer_settings
+from simflow.parallel.engine import (ADAM_KEYS, BufferGuard, Engine, ema_decay_at, lr_at, nonfinite_bits,
+                                     optimizer_settings, requires_grad_off, sharded_load_targets)
 from simflow.parallel.fsdp2_parallelize import fsdp_modules, parallelize_simflow
 from simflow.runtime import autocast_dtype
 
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def build_mesh(topology) -> DeviceMesh:
@@ -195,16 +195,12 @@ class FSDP2Engine(Engine):
         loss). FSDP2 re-creates the unsharded parameters with the sharded ones' ``requires_grad`` at every gather
         (every group reshards after forward), so the gathered weights of a frozen forward need no gradient; the
         later backward gathers them again for the input gradients and reduces nothing."""
-        flags = [(p, p.requires_grad) for p in self._params.values()]
-        for p, _ in flags:
-            p.requires_grad_(False)
         self._frozen_depth += 1
         try:
-            yield
+            with requires_grad_off(self._params.values()):
+                yield
         finally:
             self._frozen_depth -= 1
-            for p, f in flags:
-                p.requires_grad_(f)
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -264,21 +260,8 @@ class FSDP2Engine(Engine):
             KeyError: the checkpoint has optimizer state for parameters this model does not train, or other EMA
                 entries than this model tracks.
         """
-        unknown = sorted(set(meta.get("optim_step", {})) - set(self._trainable))
-        if unknown:
-            raise KeyError(f"{self.role} state: optimizer state for {unknown[:5]}, which this model does not train")
-        if set(meta.get("ema", [])) != set(self.ema):
-            raise KeyError(f"{self.role} state: checkpoint EMA entries {sorted(meta.get('ema', []))[:5]} differ from "
-                           f"the ones this model tracks {sorted(self.ema)[:5]}")
-        out: Dict[str, torch.Tensor] = {}
-        for n, p in self._params.items():
-            shape = p.to_local().shape
-            out[f"module/{n}"] = self._shard(p, torch.zeros(shape))
-            if n in meta.get("optim_step", {}):
-                for k in ADAM_KEYS:
-                    out[f"optim/{n}/{k}"] = self._shard(p, torch.zeros(shape))
-            if n in self.ema:
-                out[f"ema/{n}"] = self._shard(p, torch.zeros(shape))
+        out = sharded_load_targets(self.role, meta, self._params, list(self._trainable), list(self.ema),
+                                   lambda p: self._shard(p, torch.zeros(p.to_local().shape)))
         if self._buffers_owned():
             out.update({f"module/{k}": torch.zeros_like(b, device="cpu") for k, b in self.module.named_buffers()
                         if b is not None})
