@@ -66,11 +66,11 @@ def test_affine_params_are_causal():
     block = flow.blocks[1]
     c = flow.condition(torch.tensor([1, 2]))
     x = torch.randn(2, flow.num_tokens, flow.token_dim)
-    a0, b0, _ = block.params(block.shifted(x), c)
+    a0, b0 = block.head_output(block.shifted(x), c)[0].chunk(2, dim=-1)
     for t in [0, 5, flow.num_tokens - 1]:
         x2 = x.clone()
         x2[:, t] += 3.0
-        a1, b1, _ = block.params(block.shifted(x2), c)
+        a1, b1 = block.head_output(block.shifted(x2), c)[0].chunk(2, dim=-1)
         assert torch.equal(a1[:, : t + 1], a0[:, : t + 1]) and torch.equal(b1[:, : t + 1], b0[:, : t + 1])
         if t < flow.num_tokens - 1:
             assert (a1[:, t + 1 :] - a0[:, t + 1 :]).abs().max() > 1e-4  # later tokens do see it

@@ -107,13 +107,13 @@ def test_labels_seen_by_each_block(mode, shallow, monkeypatch):
     flow = _flow()
     seen = {}
     for k, block in enumerate(flow.blocks):
-        real = block.params
+        real = block.head_output
 
         def spy(inp, c, *args, _k=k, _real=real, **kw):
             seen.setdefault(_k, c.detach().clone())
             return _real(inp, c, *args, **kw)
 
-        monkeypatch.setattr(block, "params", spy)
+        monkeypatch.setattr(block, "head_output", spy)
     y = torch.tensor([1, 3])
     noise = torch.randn(2, flow.num_tokens, flow.token_dim)
     flow.inverse(noise, y, Guidance(1.0, mode))

@@ -295,28 +295,6 @@ class FlowBlock(nn.Module):
             nn.init.normal_(self.pos_emb, std=0.01)  # method §4.3 step 2 (TarFlow init)
             nn.init.normal_(self.sos, std=0.02)
 
-    def params(
-        self,
-        x_in: torch.Tensor,
-        c: torch.Tensor,
-        start: int = 0,
-        caches: Optional[List[Dict]] = None,
-        hidden_at: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Raw head outputs for positions ``start .. start + x_in.shape[1] - 1``.
-
-        Args:
-            x_in: (B, t, C) shifted inputs for those positions.
-            c: (B, D) condition vector.
-            caches: one dict per layer for incremental decoding, or None.
-            hidden_at: 0-based layer index whose output hidden state (B, t, D) to return (REPA), or None.
-        Returns:
-            (a, b, hidden): a, b float (B, t, C) in the autocast dtype; hidden or None.
-        """
-        out, hidden = self.head_output(x_in, c, start, caches, hidden_at)
-        a, b = out.chunk(2, dim=-1)
-        return a, b, hidden
-
     def head_output(
         self,
         x_in: torch.Tensor,
@@ -325,7 +303,17 @@ class FlowBlock(nn.Module):
         caches: Optional[List[Dict]] = None,
         hidden_at: Optional[int] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """:meth:`params` before the split: the raw head output ``[a | b]`` (B, t, 2C), contiguous, and hidden."""
+        """Raw head output for positions ``start .. start + x_in.shape[1] - 1``.
+
+        Args:
+            x_in: (B, t, C) shifted inputs for those positions.
+            c: (B, D) condition vector.
+            caches: one dict per layer for incremental decoding, or None.
+            hidden_at: 0-based layer index whose output hidden state (B, t, D) to return (REPA), or None.
+        Returns:
+            (out, hidden): ``out`` = ``[a | b]`` (B, t, 2C) in the autocast dtype (``a, b = out.chunk(2, -1)``,
+            method §4.3); hidden or None.
+        """
         t = x_in.shape[1]
         h = self.proj_in(x_in) + self.pos_emb[start : start + t]
         hidden = None
@@ -557,8 +545,7 @@ class TransformerFlow(nn.Module):
                     inp, start = torch.cat([sos, xp[:, :t]], dim=1), 0
                 if guide is not None:
                     inp = torch.cat([inp, inp])
-                a, b, _ = block.params(inp, c, start=start, caches=caches)
-                a, b = a[:, -1:], b[:, -1:]
+                a, b = block.head_output(inp, c, start=start, caches=caches)[0][:, -1:].chunk(2, dim=-1)
                 w = guide.weight(t, self.num_tokens) if guide is not None else 0.0
                 log_sigma, mu = self._guided(a, b, guide, w)
                 xp[:, t : t + 1] = zp[:, t : t + 1] * torch.exp(log_sigma) + mu
