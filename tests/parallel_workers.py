@@ -406,12 +406,10 @@ def fsdp2_tp_worker(rank: int, world: int, outdir: str, overrides: List[str]) ->
             res[f"sample_{mode}_max_diff"] = (a - b).abs().max().item()
             res[f"sample_{mode}_max_abs"] = a.abs().max().item()
     # (2) parameters held per rank, whole generator
-    from simflow.models.layers import count_parameters
-
     gen = FSDP2Engine(cfg, lambda: build_generator(cfg), "generator", ["flow"], topo)
     split = sum(p.numel() for p in gen._params.values() if gen._tp_split(p))
     res["tp"] = {"local": gen.local_numel(), "full": gen.full_numel(), "split": split,
-                 "plain": count_parameters(build_generator(cfg))}
+                 "plain": sum(p.numel() for p in build_generator(cfg).parameters())}
     dp_topo = SimpleNamespace(device=topo.device, dp_size=world, tp_size=1, dp_rank=rank, tp_rank=0)
     gen_dp = FSDP2Engine(cfg, lambda: build_generator(cfg), "generator", ["flow"], dp_topo)
     locals_ = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]

@@ -59,12 +59,11 @@ def read_old(d: str) -> tuple:
 def trainable_names(cfg, part: str) -> list:
     """Names of the parameters an engine optimises, in ``module.parameters()`` order (built on the meta device)."""
     from simflow.models.discriminator import NLayerDiscriminator
-    from simflow.train.trainer import build_generator
+    from simflow.models.simflow import build_generator
 
     with torch.device("meta"):
         if part == "generator":
-            cfg.train.init_vae_from = None  # names only: no weights file is needed
-            model = build_generator(cfg)
+            model = build_generator(cfg)  # no vae_init: names only, no weights file is needed
         else:
             g = cfg.loss.gan
             model = NLayerDiscriminator(3, g.ndf, g.n_layers, g.norm)
