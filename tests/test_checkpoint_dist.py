@@ -23,6 +23,7 @@ import torch
 from ckpt_helpers import (ROOT, TINY, child_env, descendants, kill_tree, launch_ranks, read_logs, small_overrides,
                           wait_all)
 from helpers import metrics_by_step
+from simflow.checkpoint.lock import process_cmdline
 from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_manifest, verify
 from simflow.config import load_config
 from simflow.parallel.topology import free_port
@@ -189,14 +190,6 @@ def test_fsdp2_exact_resume_at_the_same_topology(fsdp2_dp2, demo_npz, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _start_agents(out: str, ov, extra_args=()):
     """Two torchrun agents (``--nnodes=1:2``, one worker each) on this machine, logs in ``out/agent_{a,b}.log``."""
     os.makedirs(out, exist_ok=True)
@@ -239,8 +232,8 @@ def test_torchrun_elastic_worker_sigkill_recovers_exactly(demo_npz, tmp_path):
     killed = None
     try:
         _wait_marker(out, 3, agents)
-        workers = [p for p in descendants(agents[1].pid) if "simflow.launch" in _cmdline(p)
-                   and "torch.distributed.run" not in _cmdline(p)]
+        workers = [p for p in descendants(agents[1].pid) if "simflow.launch" in process_cmdline(p)
+                   and "torch.distributed.run" not in process_cmdline(p)]
         assert workers, "no worker process under agent b"
         killed = workers[0]
         os.kill(killed, signal.SIGKILL)

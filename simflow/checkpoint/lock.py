@@ -80,7 +80,8 @@ def _parent_pid(pid: int) -> Optional[int]:
         return None
 
 
-def _cmdline(pid: int) -> str:
+def process_cmdline(pid: int) -> str:
+    """The command line of process ``pid`` (arguments joined by spaces), or "" if it is gone or /proc is absent."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -93,7 +94,7 @@ def torchrun_agent_pid(pid: Optional[int] = None) -> Optional[int]:
     (``torch.distributed.run`` / ``torchrun`` in its command line), or None (not under torchrun, or no /proc)."""
     p = _parent_pid(pid or os.getpid())
     while p and p > 1:
-        cmd = _cmdline(p)
+        cmd = process_cmdline(p)
         if "torch.distributed.run" in cmd or "/torchrun " in cmd or cmd.startswith("torchrun "):
             return p
         p = _parent_pid(p)
@@ -398,4 +399,4 @@ def claim_run_dir(root: str, run_id: str, ckpt_cfg, group=None) -> RunDirClaim:
 
 
 __all__ = ["RunLock", "RunLockError", "RendezvousClashError", "RunDirClaim", "claim_run_dir", "run_dir_of", "ensure_run_id", "job_key", "job_tokens",
-           "torchrun_agent_pid", "pid_start_time", "LOCK_NAME", "RUN_FILE"]
+           "torchrun_agent_pid", "pid_start_time", "process_cmdline", "LOCK_NAME", "RUN_FILE"]
