@@ -9,7 +9,7 @@ import torch
 
 from simflow.config import ConfigError, FlowConfig, load_config, validate
 from simflow.models.flow import Attention, TransformerFlow, convert_legacy_qkv
-from simflow.models.layers import DenseLinearFactory
+from simflow.models.layers import DenseLinearFactory, attention
 from simflow.models.simflow import SimFlowModel
 from simflow.parallel.parallelize import apply_activation_checkpointing, apply_compile
 
@@ -34,6 +34,29 @@ def _legacy_state(state, head_dim):
         else:
             out[k] = v
     return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_bf16_attention_is_the_fp32_attention_of_the_bf16_inputs(causal):
+    """Under bf16 autocast on CPU, ``layers.attention`` computes in fp32 and rounds once: output and input gradients
+    are bit-equal to fp32 SDPA on the (bf16-exact) inputs, cast to bf16; in fp32 it is SDPA itself."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    grad_out = torch.randn(2, 3, 17, 8, generator=g).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, is_causal=causal)
+    out.backward(grad_out)
+    assert out.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, is_causal=causal)
+    ref.backward(grad_out.float())
+    assert torch.equal(out, ref.bfloat16())
+    for got, want in ((q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
+        assert torch.equal(got, want.bfloat16())
+    # fp32 inputs: plain SDPA (no cast)
+    assert torch.equal(attention(q32.detach(), k32.detach(), v32.detach(), is_causal=causal),
+                       torch.nn.functional.scaled_dot_product_attention(q32.detach(), k32.detach(), v32.detach(),
+                                                                        is_causal=causal))
 
 
 def test_legacy_qkv_weights_compute_standard_attention():

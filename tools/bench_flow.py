@@ -14,7 +14,8 @@ Prints one table. Rows:
   flow alone = forward, NLL (method §4.4), backward, AdamW step (betas 0.9/0.95, weight decay 1e-4, the
   reference's train.py settings; ours fused as in ``LocalEngine``, the reference torch's default foreach). ``ours`` eager and compiled (``train.compile``:
   :func:`simflow.parallel.parallelize.apply_compile`); ``reference`` = the model class ``Model`` of apple/ml-tarflow's
-  ``transformer_flow.py`` imported from ``--reference PATH`` (never vendored), at equal token shapes, eager.
+  ``transformer_flow.py`` imported from ``--reference PATH`` (never vendored), at equal token shapes, eager and
+  compiled (its ``train.py --compile``: the loss function under ``torch.compile``).
 * ``sample T1/T2``: KV-cached sampling with linear CFG in every block (w = 1.5; ours ``Guidance(1.5, "linear")``,
   reference ``reverse(guidance=1.5)``), images/s.
 * ``joint tiny`` / ``joint b``: one :meth:`simflow.train.trainer.Trainer.train_step` (VAE + flow + losses + GAN,
@@ -25,7 +26,11 @@ rounds (ours eager, ours compiled, reference, ours eager, ...); the table shows 
 ratio to the reference's median. FLOPs per step are counted once per model on an eager step with
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; the compiled model does the same math), so
 GFLOP/s = counted FLOPs / median step time; ``% ceiling`` divides by the best of 5 timed 2048^3 fp32 matmuls
-measured in the same process (the machine's GEMM ceiling at that thread count).
+measured in the same process at the row's precision (the machine's GEMM ceiling at that thread count).
+
+``--precision fp32 bf16`` (default both): every row once in fp32 and once under bf16 autocast, the precision both
+trainers use on GPU (ours ``train.precision``, the reference's ``train.py``); ``x ref`` compares against the
+reference at the same precision.
 """
 
 from __future__ import annotations
@@ -48,11 +53,11 @@ SHAPES = {  # name: (tokens side, channels, width, default train batch, default 
 NUM_BLOCKS, LAYERS, HEAD_DIM, CLASSES, CFG = 4, 2, 64, 10, 1.5
 
 
-def gemm_ceiling_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Best-of-``reps`` fp32 ``n x n @ n x n`` matmul rate in GFLOP/s (2 n^3 FLOPs each)."""
+def gemm_ceiling_gflops(n: int = 2048, reps: int = 5, dtype=None) -> float:
+    """Best-of-``reps`` ``n x n @ n x n`` matmul rate in GFLOP/s (2 n^3 FLOPs each), fp32 unless ``dtype``."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -116,8 +121,11 @@ def ours(side: int, channels: int, width: int, batch: int, sample_batch: int, co
     return step, sample
 
 
-def reference(path: str, side: int, channels: int, width: int, batch: int, sample_batch: int):
-    """The same closures for apple/ml-tarflow's ``transformer_flow.Model`` loaded from ``path``."""
+def reference(path: str, side: int, channels: int, width: int, batch: int, sample_batch: int,
+              compiled: bool = False):
+    """The same closures for apple/ml-tarflow's ``transformer_flow.Model`` loaded from ``path``; ``compiled``
+    compiles its loss function as the reference's ``train.py --compile`` does (``torch.compile(compute_loss)``,
+    inductor; default mode, not its ``max-autotune``, to bound the benchmark's compile time)."""
     import torch
 
     spec = importlib.util.spec_from_file_location("reference_transformer_flow", path)
@@ -137,9 +145,14 @@ def reference(path: str, side: int, channels: int, width: int, batch: int, sampl
     noise = torch.randn(sample_batch, side * side, channels)
     ys = torch.randint(0, CLASSES, (sample_batch,))
 
-    def step():
+    def loss():
         z, _, logdets = model(x, y)
-        model.get_loss(z, logdets).backward()
+        return model.get_loss(z, logdets)
+
+    compute_loss = torch.compile(loss) if compiled else loss
+
+    def step():
+        compute_loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -150,6 +163,21 @@ def reference(path: str, side: int, channels: int, width: int, batch: int, sampl
     return step, sample
 
 
+def _autocast(fn, precision: str):
+    """``fn`` under bf16 autocast (``precision="bf16"``, as both trainers run on GPU: ours ``train.precision``, the
+    reference's ``train.py``), or as is (``"fp32"``)."""
+    import torch
+
+    if precision == "fp32":
+        return fn
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
 def _timed(fn, n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -157,8 +185,8 @@ def _timed(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def flow_case(name: str, args) -> list:
-    """All flow rows for one shape, measured in this process in alternating rounds."""
+def flow_case(name: str, precision: str, args) -> list:
+    """All flow rows for one shape and precision, measured in this process in alternating rounds."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -169,17 +197,22 @@ def flow_case(name: str, args) -> list:
         variants["ours compiled"] = ours(side, ch, width, tb, sb, True)
     if args.reference:
         variants["reference"] = reference(args.reference, side, ch, width, tb, sb)
+        if not args.no_compile:
+            variants["ref compiled"] = reference(args.reference, side, ch, width, tb, sb, compiled=True)
+    variants = {v: tuple(_autocast(f, precision) for f in fns) for v, fns in variants.items()}
     flops = {}
     for v, (step, sample) in variants.items():
         t0 = time.perf_counter()
         step()  # warm-up (and compilation)
         if not args.no_sample:
             sample()
-        print(f"[{name}] {v}: warm-up {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        print(f"[{name} {precision}] {v}: warm-up {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         if "compiled" not in v:
             flops[v] = (count_flops(step), 0 if args.no_sample else count_flops(sample))
     flops["ours compiled"] = flops["ours eager"]
-    ceiling = gemm_ceiling_gflops()
+    if "ref compiled" in variants:
+        flops["ref compiled"] = flops["reference"]
+    ceiling = gemm_ceiling_gflops(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     train_t = {v: [] for v in variants}
     sample_t = {v: [] for v in variants}
     for _ in range(args.rounds):
@@ -194,14 +227,15 @@ def flow_case(name: str, args) -> list:
         for v, ts in times.items():
             med = statistics.median(ts)
             gflops = flops[v][fi] / med / 1e9
-            rows.append(dict(case=f"{kind} {name}", variant=v, batch=batch, img_s=batch / med,
+            rows.append(dict(case=f"{kind} {name} {precision}", variant=v, batch=batch, img_s=batch / med,
                              gflops=gflops, ceiling=ceiling, vs_ref=(ref / med) if ref else None,
                              spread=(min(ts), max(ts))))
     return rows
 
 
-def joint_case(config: str, compiled: bool, steps: int, threads: int) -> dict:
-    """One config's joint training step through the real Trainer (fresh process), eager or compiled."""
+def joint_case(config: str, compiled: bool, steps: int, threads: int, precision: str = "fp32") -> dict:
+    """One config's joint training step through the real Trainer (fresh process), eager or compiled, at
+    ``train.precision=precision``."""
     import torch
 
     from simflow.config import load_config
@@ -212,7 +246,8 @@ def joint_case(config: str, compiled: bool, steps: int, threads: int) -> dict:
     cfg = load_config(os.path.join(ROOT, "configs", f"{config}.yaml"), [
         "loss.perceptual.weight=0", "loss.repa.enabled=false", "logging.wandb=disabled",
         f"train.micro_batch_size={batch}", "train.out_dir=/tmp/simflow-bench", "checkpoint.resume=false",
-        "data.source=npz", f"data.path={_ensure_demo()}", "loss.gan.start_step=0", f"train.compile={compiled}"])
+        "data.source=npz", f"data.path={_ensure_demo()}", "loss.gan.start_step=0", f"train.compile={compiled}",
+        f"train.precision={precision}"])
     tr = Trainer(cfg)
     it = iter(tr.loader) if cfg.model.resolution == 32 else _synthetic(cfg, batch)
     t0 = time.perf_counter()
@@ -221,7 +256,7 @@ def joint_case(config: str, compiled: bool, steps: int, threads: int) -> dict:
     flops = count_flops(lambda: tr.train_step(it)) if not compiled else None
     times = [_timed(lambda: tr.train_step(it), 1) for _ in range(steps)]
     return {"step_s": statistics.median(times), "batch": batch, "flops": flops, "warmup_s": warm,
-            "ceiling": gemm_ceiling_gflops()}
+            "ceiling": gemm_ceiling_gflops(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)}
 
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
@@ -405,7 +440,10 @@ def main(argv=None) -> int:
     p.add_argument("--xl-sample-batch", type=int, default=256)
     p.add_argument("--json", help="also write the --gpu-xl result here")
     p.add_argument("--dry-run-cpu", action="store_true", help="--gpu-xl code path on CPU with the tiny config")
-    p.add_argument("--joint-case", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="autocast precision of every row (bf16: both trainers' GPU setting; on CPU it uses AMX/AVX512-BF16 "
+                        "GEMMs where the CPU has them)")
+    p.add_argument("--joint-case", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     # bad input exits 2 naming the flag, before any work (argparse's error: usage + message on stderr)
     if a.reference and not os.path.isfile(a.reference):
@@ -428,14 +466,16 @@ def main(argv=None) -> int:
         print_gpu_table(r)
         return 0 if any("step_s" in row for row in r["rows"]) else 1
     if a.joint_case:
-        print(json.dumps(joint_case(a.joint_case[0], a.joint_case[1] == "compiled", a.joint_steps, a.threads)))
+        print(json.dumps(joint_case(a.joint_case[0], a.joint_case[1] == "compiled", a.joint_steps, a.threads,
+                                    a.joint_case[2])))
         return 0
     rows = []
-    for s in a.shapes:
-        rows += flow_case(s, a)
-    for c in a.joint:
+    for prec in a.precision:
+        for s in a.shapes:
+            rows += flow_case(s, prec, a)
+    for c, prec in ((c, prec) for prec in a.precision for c in a.joint):
         for mode in ("eager",) + (() if a.no_compile else ("compiled",)):
-            r = subprocess.run([sys.executable, __file__, "--joint-case", c, mode, "--joint-steps",
+            r = subprocess.run([sys.executable, __file__, "--joint-case", c, mode, prec, "--joint-steps",
                                 str(a.joint_steps), "--threads", str(a.threads)], capture_output=True, text=True)
             if r.returncode != 0:
                 print(r.stderr[-3000:], file=sys.stderr)
@@ -443,19 +483,21 @@ def main(argv=None) -> int:
             j = json.loads(r.stdout.strip().splitlines()[-1])
             if mode == "eager":
                 flops = j["flops"]
-            rows.append(dict(case=f"joint {c}", variant=f"ours {mode}", batch=j["batch"],
+            rows.append(dict(case=f"joint {c} {prec}", variant=f"ours {mode}", batch=j["batch"],
                              img_s=j["batch"] / j["step_s"], gflops=flops / j["step_s"] / 1e9,
                              ceiling=j["ceiling"], vs_ref=None, spread=None))
     print(f"\n{a.threads} threads, {a.rounds} alternating rounds x {a.steps} steps (flow), medians; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    hdr = f"{'case':<12}{'variant':<15}{'batch':>6}{'img/s':>10}{'GFLOP/s':>9}{'% ceiling':>10}{'x ref':>7}"
+    hdr = f"{'case':<17}{'variant':<15}{'batch':>6}{'img/s':>10}{'GFLOP/s':>9}{'% ceiling':>10}{'x ref':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         ratio = f"{r['vs_ref']:.2f}" if r["vs_ref"] else "-"
-        print(f"{r['case']:<12}{r['variant']:<15}{r['batch']:>6}{r['img_s']:>10.1f}{r['gflops']:>9.1f}"
+        print(f"{r['case']:<17}{r['variant']:<15}{r['batch']:>6}{r['img_s']:>10.1f}{r['gflops']:>9.1f}"
               f"{100 * r['gflops'] / r['ceiling']:>9.0f}%{ratio:>7}")
-    print(f"GEMM ceiling (2048^3 fp32 matmul, best of 5): {rows[0]['ceiling']:.0f} GFLOP/s" if rows else "")
+    ceilings = {r["case"].rsplit(" ", 1)[-1]: r["ceiling"] for r in rows}
+    print("GEMM ceiling (2048^3 matmul, best of 5; % ceiling is against the row's precision): "
+          + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()))
     return 0
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simflow.config import FlowConfig
-from simflow.models.layers import DenseLinearFactory, FP32LayerNorm, modulate, xavier_init, zeros_init
+from simflow.models.layers import DenseLinearFactory, FP32LayerNorm, attention, modulate, xavier_init, zeros_init
 
 SOFTPLUS_SHIFT = 0.5413248546129181  # softplus(0.5413...) == 1 (STARFlow, method §4.3 step 6)
 LOG_2PI = math.log(2 * math.pi)
@@ -212,7 +212,7 @@ class Attention(nn.Module):
         # (B, T, H, 3, hd) -> three (B, H, T, hd) views, no copies
         q, k, v = qkv.view(b, t, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         if cache is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = attention(q, k, v, is_causal=True)
         else:
             # Incremental decoding into a preallocated buffer: the new tokens attend to every cached (earlier) token
             # and causally to each other.
@@ -227,12 +227,13 @@ class Attention(nn.Module):
             mask = None
             if t > 1:
                 mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = attention(q, k, v, attn_mask=mask)
         return self.out(o.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """Linear D->hD ("column"), GELU, Linear hD->D ("row"). Shapes: (B, T, D) -> (B, T, D)."""
+    """Linear D->hD ("column"), GELU (exact, erf form; method §4.3 step 4), Linear hD->D ("row").
+    Shapes: (B, T, D) -> (B, T, D)."""
 
     def __init__(self, dim: int, hidden: int, linear_factory):
         super().__init__()
@@ -240,7 +241,7 @@ class MLP(nn.Module):
         self.down = linear_factory(hidden, dim, parallel="row", init_fn=xavier_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(F.gelu(self.up(x)))
 
 
 class TransformerLayer(nn.Module):

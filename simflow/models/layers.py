@@ -84,6 +84,25 @@ class DenseLinearFactory:
         return DenseLinear(in_features, out_features, bias=bias, init_fn=init_fn)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
+              attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scaled dot-product attention ``softmax(q k^T / sqrt(hd) + mask) v`` (arXiv 1706.03762 eq. 1; method §4.3 step 4)
+    through ``F.scaled_dot_product_attention``.
+
+    Shapes: q (B, H, Tq, hd), k and v (B, H, Tk, hd) -> (B, H, Tq, hd) in q's dtype. ``attn_mask``: bool
+    (Tq, Tk), True = attend. On CPU a bf16/fp16 attention runs in fp32 (outside autocast) and is cast back: PyTorch's
+    CPU flash-attention kernel is several times slower in bf16 than in fp32 at our shapes, backward especially
+    (``tools/bench_flow.py --precision bf16``, README "Speed"), and fp32 is the more accurate of the two. On CUDA the
+    inputs' dtype is kept (bf16 flash attention).
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out = nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                             is_causal=is_causal)
+        return out.to(q.dtype)
+    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation ``x * (1 + scale) + shift`` (DiT, arXiv 2212.09748 §3.2).
 

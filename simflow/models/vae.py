@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simflow.config import VAEConfig
+from simflow.models.layers import attention
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # LDM DiagonalGaussianDistribution clamp
 
@@ -75,7 +76,7 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over the ``H*W`` positions of a feature map, with a residual connection.
 
     ``q, k, v`` are 1x1 convolutions of ``GN(x)``; attention weights ``softmax(q k^T / sqrt(C))``
-    (``F.scaled_dot_product_attention``); the result goes through a 1x1 ``proj_out`` and is added to ``x``.
+    (:func:`simflow.models.layers.attention`); the result goes through a 1x1 ``proj_out`` and is added to ``x``.
 
     Shapes: ``(B, C, H, W)`` -> ``(B, C, H, W)``.
     """
@@ -95,7 +96,7 @@ class AttnBlock(nn.Module):
         def tokens(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1 head, H*W, C)
             return t.reshape(b, c, h * w).transpose(1, 2).unsqueeze(1)
 
-        out = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
+        out = attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
         out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
