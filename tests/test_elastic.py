@@ -60,8 +60,9 @@ GATED = ("import os, sys, time\n"
 
 
 # One rank of ``python -m simflow.launch`` (its ``entry``, what ``-m`` runs) that imports simflow, torch, the FSDP2
-# engine and megatron-core (init_topology's process groups) first and starts only once its gate file exists: the next stop-signal round's ranks import while the
-# current round runs (imports are most of a short round's time on a loaded 2-core machine).
+# engine and megatron-core (init_topology's process groups) first and starts only once its gate file exists: the
+# next stop-signal round's ranks import while the current round runs (imports are most of a short round's time on a
+# loaded 2-core machine).
 PRELOADED = ("import os, sys, time\n"
              "import megatron.core.parallel_state, simflow.data.demo, simflow.launch, simflow.parallel.factory\n"
              "import simflow.parallel.fsdp2_engine, simflow.train.trainer\n"

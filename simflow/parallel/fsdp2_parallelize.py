@@ -134,4 +134,5 @@ def fsdp_modules(model: nn.Module) -> List[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-__all__ = ["SAMPLING_METHODS", "TP_PLAN", "apply_tensor_parallel", "fsdp_modules", "fsdp_units", "mixed_precision", "parallelize_simflow"]
+__all__ = ["SAMPLING_METHODS", "TP_PLAN", "apply_tensor_parallel", "fsdp_modules", "fsdp_units", "mixed_precision",
+           "parallelize_simflow"]
