@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from ckpt_helpers import ROOT, TINY, child_env, kill_tree, read_logs, small_overrides
+from ckpt_helpers import ROOT, TINY, child_env, kill_tree, launch_ranks, read_logs, small_overrides
 from helpers import metrics_by_step
 from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_manifest
 from simflow.parallel.topology import free_port
@@ -57,32 +57,6 @@ GATED = ("import os, sys, time\n"
          "while not os.path.exists(gate):\n"
          "    time.sleep(0.05)\n"
          "sys.exit(run.main(sys.argv[1:]))\n")
-
-
-# One rank of ``python -m simflow.launch`` (its ``entry``, what ``-m`` runs) that imports simflow, torch, the FSDP2
-# engine and megatron-core (init_topology's process groups) first and starts only once its gate file exists: the
-# next stop-signal round's ranks import while the current round runs (imports are most of a short round's time on a
-# loaded 2-core machine).
-PRELOADED = ("import os, sys, time\n"
-             "import megatron.core.parallel_state, simflow.data.demo, simflow.launch, simflow.parallel.factory\n"
-             "import simflow.parallel.fsdp2_engine, simflow.train.trainer\n"
-             "gate = sys.argv.pop(1)\n"
-             "while not os.path.exists(gate):\n"
-             "    time.sleep(0.02)\n"
-             "simflow.launch.entry(sys.argv[1:])\n")
-
-
-def _preloaded_ranks(world: int, ov, logdir: str, port: int, gate: str):
-    """``world`` ranks as :func:`ckpt_helpers.launch_ranks` starts them, each waiting (imports done) for ``gate``."""
-    os.makedirs(logdir, exist_ok=True)
-    procs = []
-    for r in range(world):
-        env = child_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        log = open(os.path.join(logdir, f"rank{r}.log"), "w")
-        procs.append(subprocess.Popen([sys.executable, "-c", PRELOADED, gate, "--config", TINY, *ov], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
-    return procs
 
 
 def _agent(out: str, name: str, ov, port: int, rdzv_id: str, nnodes: str = "1:2", nproc: int = 1,
@@ -276,32 +250,22 @@ def test_stop_signal_to_one_rank_exits_75_everywhere_10_of_10(demo_npz, tmp_path
     previous round's stop step. What is under test is the launcher's signal path (the stop flag, the step-boundary
     vote, the exit code under torchrun's SIGTERMs; simflow/train/signals.py), the same code under either engine
     (both save through the one Checkpointer), so one engine is enough: :data:`LAUNCHER_ENGINE`, whose workers start
-    fastest. Each round's ranks are started while the previous round runs and wait, imports done, until it has
-    ended (:data:`PRELOADED`); they then run ``simflow.launch.entry``, what ``python -m simflow.launch`` runs."""
+    fastest."""
     out = str(tmp_path / "run")
     ov = small_overrides(demo_npz, out, f"parallel.engine={LAUNCHER_ENGINE}", "train.micro_batch_size=2",
                          "train.steps=1000", "checkpoint.every_steps=0", "checkpoint.watchdog_s=120",
                          "train.log_every=1")
     ckpt = os.path.join(out, "checkpoints")
-    results, started, rounds = [], [], 10
-
-    def preload(rep: int):
-        procs = _preloaded_ranks(2, ov, os.path.join(out, f"logs{rep}"), free_port(), os.path.join(out, f"go{rep}"))
-        started.extend(procs)
-        return procs
-
-    try:
-        nxt = preload(0)
-        for rep in range(rounds):
-            logs = os.path.join(out, f"logs{rep}")
-            before = max(_committed(ckpt), default=0)
-            procs = nxt
-            open(os.path.join(out, f"go{rep}"), "w").close()  # the previous round's ranks have all exited
+    results = []
+    for rep in range(10):
+        logs = os.path.join(out, f"logs{rep}")
+        os.makedirs(logs)
+        before = max(_committed(ckpt), default=0)
+        procs = launch_ranks(2, ov, logs, free_port())
+        try:
             _wait(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")) and
                   max(json.loads(l)["step"] for l in open(os.path.join(out, "metrics.jsonl"))) > before,
                   procs, 300, f"round {rep} training")
-            if rep + 1 < rounds:  # the next round's ranks import while this one trains and stops
-                nxt = preload(rep + 1)
             os.kill(procs[rep % 2].pid, signal.SIGUSR1 if rep % 2 == 0 else signal.SIGTERM)
             deadline = time.time() + 240
             while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -314,16 +278,16 @@ def test_stop_signal_to_one_rank_exits_75_everywhere_10_of_10(demo_npz, tmp_path
                                 pass
                 time.sleep(0.02)
             codes = [p.poll() for p in procs]
-            results.append(codes)
-            assert codes == [REQUEUE_EXIT_CODE] * 2, f"round {rep}: {codes}\n{read_logs(logs)}"
-            assert max(_committed(ckpt)) > before
-            if rep:
-                assert f"resumed from {os.path.join(ckpt, f'step-{before:07d}')} at step {before}" in read_logs(logs)
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        results.append(codes)
+        assert codes == [REQUEUE_EXIT_CODE] * 2, f"round {rep}: {codes}\n{read_logs(logs)}"
+        assert max(_committed(ckpt)) > before
+        if rep:
+            assert f"resumed from {os.path.join(ckpt, f'step-{before:07d}')} at step {before}" in read_logs(logs)
     assert results == [[75, 75]] * 10
 
 
