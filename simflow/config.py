@@ -378,11 +378,8 @@ def validate(cfg: SimFlowConfig, dp_size: Optional[int] = None, source: str = "<
     if f.noise_std < 0:
         bad("model.flow.noise_std", "must be >= 0")
     if cfg.train.compile and cfg.parallel.engine == "deepspeed":
-        bad("train.compile", "is supported with parallel.engine=local only (dynamo does not trace DeepSpeed ZeRO-3's "
-                             "parameter-gather hooks; use DeepSpeed's own engine.compile() there)")
-    if cfg.train.compile and cfg.parallel.engine == "fsdp2":
-        bad("train.compile", "is not yet tested with parallel.engine=fsdp2 (compiled DTensor TP layers inside FSDP2 "
-                             "groups); use parallel.engine=local or train.compile=false")
+        bad("train.compile", "is supported with parallel.engine=local or fsdp2 only (dynamo does not trace "
+                             "DeepSpeed ZeRO-3's parameter-gather hooks; use DeepSpeed's own engine.compile() there)")
     if cfg.train.init_vae_from and cfg.parallel.engine != "local":
         bad("train.init_vae_from", "is supported with parallel.engine=local only (weights load before sharding)")
     down = 2 ** (len(v.ch_mult) - 1)

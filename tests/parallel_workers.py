@@ -405,6 +405,18 @@ def fsdp2_tp_worker(rank: int, world: int, outdir: str, overrides: List[str]) ->
                 b = m.inverse(noise, yl, guide, use_cache=True)
             res[f"sample_{mode}_max_diff"] = (a - b).abs().max().item()
             res[f"sample_{mode}_max_abs"] = a.abs().max().item()
+    # a fresh engine that samples before its first forward: the registered ``inverse`` makes the root FSDP2's root,
+    # so the training forward + backward through the root that follows works and equals the first engine's
+    fresh = FSDP2Engine(cfg, flow, "generator", [], topo)
+    with torch.no_grad(), fresh.full_params(ema=False) as m:
+        b = m.inverse(noise, yl, Guidance(scale=1.5, mode="gaussian"), use_cache=True)
+    res["fresh_sample_max_diff"] = (dense.inverse(noise, yl, Guidance(scale=1.5, mode="gaussian"), use_cache=True)
+                                    - b).abs().max().item()
+    z, log_det, _ = fresh.module(z_img, y)
+    ((z * w).sum() + log_det.sum() * 0.01).backward()
+    res["fresh_fwd_z_max_diff"] = (z.detach() - outs["tp"][0]).abs().max().item()
+    res["fresh_grad_max_diff"] = max((p.grad.full_tensor() - grads[n]).abs().max().item()
+                                     for n, p in fresh._params.items())
     # (2) parameters held per rank, whole generator
     gen = FSDP2Engine(cfg, lambda: build_generator(cfg), "generator", ["flow"], topo)
     split = sum(p.numel() for p in gen._params.values() if gen._tp_split(p))
@@ -433,4 +445,41 @@ def fsdp2_tp_worker(rank: int, world: int, outdir: str, overrides: List[str]) ->
     res["frozen_vae_trainable"] = sorted({n.split(".")[0] for n in fz._trainable})
     if rank == 0:
         torch.save(res, os.path.join(outdir, "fsdp2_tp.pt"))
+    destroy_topology(topo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.compile under the FSDP2 engine (tests/test_fsdp2_dist.py)
+def fsdp2_compile_worker(rank: int, world: int, outdir: str, overrides: List[str], steps: int) -> None:
+    """The tiny Trainer on the FSDP2 engine twice in one process group, eager and with ``train.compile=true``
+    (compile applied between TP and ``fully_shard``): ``steps`` logged steps each, then one more micro-batch's
+    forward + backward without a step. Records the step metrics, the full updated weights, the full gradients of
+    that last backward, how many modules ``apply_compile`` wrapped and dynamo's graph / graph-break counters. Rank 0
+    saves ``fsdp2_compile.pt``."""
+    from torch._dynamo.utils import counters
+
+    from simflow.config import load_config
+    from simflow.parallel.factory import build_engine
+    from simflow.parallel.topology import destroy_topology, init_topology
+    from simflow.train.trainer import Trainer
+
+    res: Dict[str, Any] = {}
+    topo = None
+    for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
+        cfg = load_config(TINY, overrides + extra)
+        topo = topo or init_topology(cfg)
+        torch._dynamo.reset()
+        counters.clear()
+        tr = Trainer(cfg, topo, build_engine=build_engine)
+        it = iter(tr.loader)
+        metrics = [tr.train_step_logged(it) for _ in range(steps)]
+        weights = tr.gen.full_state_dict(ema=False)
+        tr.micro_step(next(it))
+        grads = {n: p.grad.full_tensor() for n, p in tr.gen._params.items() if p.grad is not None}
+        res[name] = {"metrics": metrics, "weights": weights, "grads": grads,
+                     "compiled_layers": sum(bool(getattr(m, "_compiled", False)) for m in tr.gen.module.modules()),
+                     "unique_graphs": counters["stats"]["unique_graphs"],
+                     "graph_breaks": sum(counters["graph_break"].values())}
+    if rank == 0:
+        torch.save(res, os.path.join(outdir, "fsdp2_compile.pt"))
     destroy_topology(topo)

@@ -1,14 +1,19 @@
 """Issue 11 "Must show", multi-process on CPU/gloo with the real entry point (``torchrun ... -m simflow.launch`` /
-``python -m simflow.launch``), tiny config at flow width 32, DeepSpeed ZeRO-3:
+``python -m simflow.launch``), tiny config at flow width 32:
 
 * two elastic agents (``--nnodes=1:2``, c10d on 127.0.0.1): agent b (a "node") leaves mid-run and a new agent b
   rejoins later; the job finishes by itself; the global batches of all steps sum to the final ``consumed_samples``;
-  with ``train.global_batch_size`` set every step's batch is the uninterrupted run's (same positions, same losses);
+  with ``train.global_batch_size`` set every step's batch is the uninterrupted run's (same positions, same losses),
+  under both sharded engines (DeepSpeed ZeRO-3 and FSDP2: the engine re-shards its checkpoint at every world size);
 * two live torchrun jobs on one run directory with the same ``--rdzv-id`` and different endpoints: the second is
   refused within seconds naming the holder, the first finishes untouched;
 * a stop signal to one rank, while every rank is also hit by SIGTERM during its shutdown (what torchrun does once
   one worker exits): every rank exits 75, 10 times out of 10;
 * a nonexistent ``data.path`` under ``torchrun --nproc-per-node=2``: every worker exits 2 before any process group.
+
+The tests of the launcher rather than the engine (global-batch accounting without ``train.global_batch_size``, the
+stop signal) run under one engine, :data:`LAUNCHER_ENGINE`: FSDP2, whose workers start without importing DeepSpeed
+(about half of a worker's start time on a loaded 2-core machine; this file starts ~30 workers).
 
 Helpers (``_start_agents``' pattern, ``ckpt_helpers.kill_tree``) follow tests/test_checkpoint_dist.py; every agent runs with
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh worker store per rendezvous round, pytorch/pytorch#135712).
@@ -25,8 +30,7 @@ import time
 
 import pytest
 
-from ckpt_helpers import (ROOT, TINY, child_env, kill_tree, launch_ranks, read_logs, small_overrides,
-                          wait_all)
+from ckpt_helpers import ROOT, TINY, child_env, kill_tree, launch_ranks, read_logs, small_overrides
 from helpers import metrics_by_step
 from simflow.checkpoint.store import MARKER, list_steps, load_checkpoint, read_manifest
 from simflow.parallel.topology import free_port
@@ -38,6 +42,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 # Keep-alive 2 s x 5: a dead agent is dropped after ~10 s, but a live one whose heartbeat thread is slow on a loaded
 # 2-core machine is not (with 1 s x 2, a late joiner declared the busy host agent dead and formed a world of its own).
 RDZV_CONF = "--rdzv-conf=last_call_timeout=1,keep_alive_interval=2,keep_alive_max_attempt=5,is_host={}"
+
+ENGINES = ["deepspeed", "fsdp2"]
+LAUNCHER_ENGINE = "fsdp2"  # module docstring
+# the global-batch test: accumulation 1 at world 2, 2 at world 1
+FIXED_BATCH = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=14", "train.run_id=fixed"]
 
 
 # A torchrun agent that imports torch first and joins only once its gate file exists: on a loaded 2-core machine
@@ -134,10 +143,12 @@ def test_elastic_leave_and_rejoin_without_global_batch_size(demo_npz, tmp_path):
     """The global batch follows the world size (4 per rank): 8 at world 2, 4 at world 1, 8 again after the rejoin.
     The rejoin resumes at a consumed_samples that is no multiple of 8 when the world-1 phase ran an odd number of
     steps: the loader deals on from that position. Every step is checkpointed, so the sum of the global batches
-    of steps 1..N (from each step's own config and topology) must equal consumed_samples after step N."""
+    of steps 1..N (from each step's own config and topology) must equal consumed_samples after step N. This is the
+    launcher's and the loader's accounting, the same under either engine: one engine (:data:`LAUNCHER_ENGINE`);
+    both engines' resume at another world size is the next test's."""
     steps = 16
     out = str(tmp_path / "free")
-    ov = small_overrides(demo_npz, out, "parallel.engine=deepspeed", "train.micro_batch_size=4",
+    ov = small_overrides(demo_npz, out, f"parallel.engine={LAUNCHER_ENGINE}", "train.micro_batch_size=4",
                          f"train.steps={steps}", "checkpoint.every_steps=1", "checkpoint.keep=100",
                          "train.run_id=free")
     ca, cb, text = _leave_and_rejoin(out, ov, steps)
@@ -153,27 +164,37 @@ def test_elastic_leave_and_rejoin_without_global_batch_size(demo_npz, tmp_path):
     assert not os.path.exists(os.path.join(ckpt, "run.lock"))
 
 
-def test_elastic_leave_and_rejoin_with_global_batch_size_keeps_the_data_order(demo_npz, tmp_path):
+@pytest.fixture(scope="module")
+def fixed_batch_reference(demo_npz, tmp_path_factory):
+    """Per-step metrics of the global-batch test's run without interruption, in one process (local engine,
+    accumulation 2: the same global batches of 8 as 2 ranks x 4; the same global batch gives the same loss on any
+    number of processes, README "Reproducibility"). Shared by both engines' elastic runs."""
+    out = str(tmp_path_factory.mktemp("fixed_reference"))
+    r = subprocess.run([sys.executable, "-m", "simflow.launch", "--config", TINY,
+                        *small_overrides(demo_npz, out, "parallel.engine=local", *FIXED_BATCH)],
+                       env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return metrics_by_step(out)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_elastic_leave_and_rejoin_with_global_batch_size_keeps_the_data_order(engine, demo_npz, tmp_path,
+                                                                               fixed_batch_reference):
     """train.global_batch_size=8 with micro-batch 4: accumulation 1 at world 2, 2 at world 1 (derived by the
     launcher at every restart, no bash). consumed_samples after step s is 8 s at every step, as in the
-    uninterrupted world-2 run, and every step's losses equal that run's (same samples, same per-sample noise; the
-    weights differ only by reduction order, within 1e-4 relative)."""
+    uninterrupted run, and every step's losses equal that run's (same samples, same per-sample noise; the weights
+    differ only by reduction order, within 1e-4 relative). The uninterrupted run is one process of the local engine
+    (:func:`fixed_batch_reference`), so this also holds each sharded engine to the local engine's numbers."""
     steps = 14
-    common = ["parallel.engine=deepspeed", "train.micro_batch_size=4", "train.global_batch_size=8",
-              f"train.steps={steps}", "checkpoint.every_steps=1", "checkpoint.keep=100", "train.run_id=fixed"]
-    clean = str(tmp_path / "clean")
-    os.makedirs(os.path.join(clean, "logs"))
-    codes = wait_all(launch_ranks(2, small_overrides(demo_npz, clean, *common), os.path.join(clean, "logs"),
-                                  free_port()), 500)
-    assert codes == [0, 0], read_logs(os.path.join(clean, "logs"))
+    common = [f"parallel.engine={engine}", *FIXED_BATCH, "checkpoint.every_steps=1", "checkpoint.keep=100"]
     out = str(tmp_path / "elastic")
     ca, cb, text = _leave_and_rejoin(out, small_overrides(demo_npz, out, *common), steps)
     assert (ca, cb) == (0, 0), text[-8000:]
     rows = _global_batches(os.path.join(out, "checkpoints"), steps)
     assert 1 in [w for w, _, _ in rows]
     assert [(g, c) for _, g, c in rows] == [(8, 8 * s) for s in range(1, steps + 1)]
-    ref, got = metrics_by_step(clean), metrics_by_step(out)
-    assert sorted(got) == list(range(1, steps + 1))
+    ref, got = fixed_batch_reference, metrics_by_step(out)
+    assert sorted(ref) == sorted(got) == list(range(1, steps + 1))
     for s in got:
         for key in ("loss", "nll", "rec"):
             a, b = ref[s][key], got[s][key]
@@ -226,10 +247,14 @@ def test_stop_signal_to_one_rank_exits_75_everywhere_10_of_10(demo_npz, tmp_path
     """10 stop-and-resume rounds of one 2-rank job: each round signals one rank (SIGUSR1 / SIGTERM alternating,
     rank 0 / 1 alternating); as soon as any rank exits, the others get SIGTERM every 20 ms until they exit (what
     torchrun does to the surviving workers, only harder). Every rank exits 75 every time, each round resumes the
-    previous round's stop step."""
+    previous round's stop step. What is under test is the launcher's signal path (the stop flag, the step-boundary
+    vote, the exit code under torchrun's SIGTERMs; simflow/train/signals.py), the same code under either engine
+    (both save through the one Checkpointer), so one engine is enough: :data:`LAUNCHER_ENGINE`, whose workers start
+    fastest."""
     out = str(tmp_path / "run")
-    ov = small_overrides(demo_npz, out, "parallel.engine=deepspeed", "train.micro_batch_size=2", "train.steps=1000",
-                         "checkpoint.every_steps=0", "checkpoint.watchdog_s=120", "train.log_every=1")
+    ov = small_overrides(demo_npz, out, f"parallel.engine={LAUNCHER_ENGINE}", "train.micro_batch_size=2",
+                         "train.steps=1000", "checkpoint.every_steps=0", "checkpoint.watchdog_s=120",
+                         "train.log_every=1")
     ckpt = os.path.join(out, "checkpoints")
     results = []
     for rep in range(10):

@@ -205,9 +205,10 @@ def test_compiled_flow_and_vae_equal_eager():
 
 
 def test_compile_with_deepspeed_is_a_config_error():
-    with pytest.raises(ConfigError, match="train.compile=True: is supported with parallel.engine=local only"):
+    with pytest.raises(ConfigError, match="train.compile=True: is supported with parallel.engine=local or fsdp2 only"):
         load_config(TINY, ["train.compile=true", "parallel.engine=deepspeed"])
     validate(load_config(TINY, ["train.compile=true"]))
+    validate(load_config(TINY, ["train.compile=true", "parallel.engine=fsdp2"]))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -411,9 +411,9 @@ class FSDP2Engine(Engine):
         """Run the module with every FSDP2 group gathered (EMA values for tracked parameters when ``ema``) and kept
         gathered for the whole block (KV-cached sampling calls each layer once per token); TP stays in place, so
         sampling is collective over every rank. Yields the module; restores the training weights and the sharding
-        on exit. Use under ``torch.no_grad()``."""
-        from torch.distributed.fsdp import fully_shard
-
+        on exit. Use under ``torch.no_grad()``, and enter the module through ``forward`` or one of
+        :data:`~simflow.parallel.fsdp2_parallelize.SAMPLING_METHODS` (``sample``, ``inverse``): those run the root's
+        FSDP2 hooks first, so the root, not the first layer to run, is FSDP2's root."""
         backup: Dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if ema:
@@ -422,9 +422,6 @@ class FSDP2Engine(Engine):
                     backup[n] = mine.clone()
                     mine.copy_(e.to_local())
         units = fsdp_modules(self.module)
-        # the root must be FSDP2's root before any group runs on its own (sampling calls layers, not the root's
-        # forward); FSDP2 otherwise takes the first module to run forward as the root
-        fully_shard.state(self.module)._lazy_init()
         try:
             for m in units:
                 m.set_reshard_after_forward(False)

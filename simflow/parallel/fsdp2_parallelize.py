@@ -22,6 +22,11 @@ from outside the model code, in a fixed order:
    parameters a frozen module (:meth:`FSDP2Engine.frozen`) sees are re-created, with their ``requires_grad``, at
    every gather. Mixed precision: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` on CUDA under bf16
    (fp32 sharded master weights, bf16 gathers and compute, fp32 gradient reduction); fp32 throughout otherwise.
+4. **Sampling entry points**: the root's :data:`SAMPLING_METHODS` (``SimFlowModel.sample``,
+   ``TransformerFlow.inverse``) are registered with ``register_fsdp_forward_method``, so they run the root's FSDP2
+   pre/post-forward hooks as ``forward`` does. Sampling calls each layer once per token, outside the root's
+   ``forward``; without this, the first layer to run would make itself an FSDP2 root (FSDP2 takes the first module
+   to run forward as the root) and a later training forward through the real root would fail.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import List
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from simflow.config import SimFlowConfig
@@ -44,6 +49,9 @@ TP_PLAN = {
     "mlp.up": ColwiseParallel,
     "mlp.down": RowwiseParallel,
 }
+
+# methods of the root module that run its sub-modules outside ``forward`` (module docstring, item 4)
+SAMPLING_METHODS = ("sample", "inverse")
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> int:
@@ -97,7 +105,8 @@ def mixed_precision(bf16: bool, device: torch.device) -> MixedPrecisionPolicy:
 
 
 def parallelize_simflow(model: nn.Module, mesh: DeviceMesh, cfg: SimFlowConfig, bf16: bool = False) -> nn.Module:
-    """TP, then activation checkpointing / compile, then FSDP2 (module docstring), in place; returns ``model``.
+    """TP, then activation checkpointing / compile, then FSDP2, then the sampling entry points (module docstring), in
+    place; returns ``model``.
 
     Args:
         model: the built plain module (generator or discriminator), already on ``mesh``'s device.
@@ -114,6 +123,9 @@ def parallelize_simflow(model: nn.Module, mesh: DeviceMesh, cfg: SimFlowConfig, 
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=mesh["dp"], mp_policy=mp, reshard_after_forward=True)
     fully_shard(model, mesh=mesh["dp"], mp_policy=mp, reshard_after_forward=True)
+    for name in SAMPLING_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
     return model
 
 
@@ -122,4 +134,5 @@ def fsdp_modules(model: nn.Module) -> List[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-__all__ = ["TP_PLAN", "apply_tensor_parallel", "fsdp_modules", "fsdp_units", "mixed_precision", "parallelize_simflow"]
+__all__ = ["SAMPLING_METHODS", "TP_PLAN", "apply_tensor_parallel", "fsdp_modules", "fsdp_units", "mixed_precision",
+           "parallelize_simflow"]
