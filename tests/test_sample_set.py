@@ -440,7 +440,7 @@ E2E_FID_IMAGES = 50  # samples scored, and real images scored for the real-vs-re
 
 
 @pytest.mark.slow
-def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path, demo_data):
+def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path, demo_data, inception_weights):
     """Train ``tiny`` for 3 steps on real demo data, export, sample 1,000 images through the CLI, and score FID
     against reference statistics written by ``tools/fid_ref.py`` from the held-out demo split.
 
@@ -450,7 +450,6 @@ def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path, demo_data):
     5-10 min on this machine's 2 shared cores; this test runs 200 (~1-2 min).
     """
     from simflow.eval.evaluator import evaluate, load_reference, open_samples
-    from helpers import write_random_inception_weights
 
     from simflow.eval.features import build_feature_extractor
     from simflow.train.trainer import Trainer
@@ -472,7 +471,7 @@ def test_train_tiny_sample_and_score_fid_end_to_end(tmp_path, demo_data):
     side = json.loads((out / "samples.json").read_text())
     assert side["num_samples"] == E2E_SAMPLES and side["weights"]["step"] == 3 and side["nonfinite_samples"] == 0
 
-    inception = write_random_inception_weights(str(tmp_path / "inception.pt"))
+    inception = inception_weights
     ref_path = tmp_path / "demo_ref.npz"
     t0 = time.time()
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fid_ref.py"), test_npz, "--out", str(ref_path),
