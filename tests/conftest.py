@@ -11,6 +11,10 @@ shared by every module that asks for the same size; treat the files as read-only
 the default size (2,000 images) that the training and checkpoint tests use; a module that needs another size
 overrides it with ``demo_data(n)[0]``.
 
+``inception_weights``: the path of one randomly initialised torch-fidelity InceptionV3 state dict (seed 0,
+:func:`helpers.write_random_inception_weights`), written once per session for every FID test (building and
+re-initialising the 24M-parameter network costs seconds each time); read-only.
+
 ``one_thread``: one intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
 tiny models gain nothing from more, and CI's 2 cores are shared.
 """
@@ -56,6 +60,13 @@ def demo_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_npz(demo_data):
     return demo_data(DEMO_IMAGES)[0]
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    from helpers import write_random_inception_weights
+
+    return write_random_inception_weights(str(tmp_path_factory.mktemp("inception") / "inception_random.pth"), seed=0)
 
 
 @pytest.fixture(scope="module")

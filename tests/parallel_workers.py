@@ -307,12 +307,14 @@ def nonfinite_worker(rank: int, world: int, outdir: str, overrides: List[str], p
     destroy_topology(topo)
 
 
-def bf16_reduce_worker(rank: int, world: int, outdir: str, safe_modules) -> None:
-    """ZeRO-3 under DeepSpeed's bf16 ``torch_autocast`` with :func:`deepspeed_config` (``safe_modules`` None) or with
-    its ``lower_precision_safe_modules`` replaced (the old bf16-reducing setting). One Linear(4, 4, bias=False),
+def bf16_reduce_worker(rank: int, world: int, outdir: str, variants) -> None:
+    """ZeRO-3 under DeepSpeed's bf16 ``torch_autocast``, one engine per ``(name, safe_modules)`` in ``variants``, all
+    in one process group: with :func:`deepspeed_config` (``safe_modules`` None) or with its
+    ``lower_precision_safe_modules`` replaced (the old bf16-reducing setting). Each engine holds its own
+    Linear(4, 4, bias=False) (DeepSpeed marks the comm dtype on the parameters, so the engines do not share it);
     loss = sum(W x): dL/dW[i, j] = x[j]; rank 0 feeds x = 1, rank 1 x = 2^-9 (both exact in bf16). The reduced
     (averaged) gradient is (1 + 2^-9) / 2 in fp32, but 0.5 if the sum is rounded to bf16 (its spacing at 1 is 2^-7).
-    Saves the full reduced gradient and the comm dtypes of the parameters."""
+    Saves, per variant, the full reduced gradient and the comm dtypes of the parameters to ``<name>_rank<r>.pt``."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -323,21 +325,22 @@ def bf16_reduce_worker(rank: int, world: int, outdir: str, safe_modules) -> None
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     cfg = load_config(TINY, ["train.precision=bf16", "parallel.engine=deepspeed", "train.micro_batch_size=1",
                              "optim.grad_clip=0"])
-    conf = deepspeed_config(cfg, world, torch.device("cpu"))
-    if safe_modules is not None:
-        conf["torch_autocast"]["lower_precision_safe_modules"] = list(safe_modules)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 4, bias=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=conf, dist_init_required=False)
-    x = torch.full((1, 4), 1.0 if rank == 0 else 2.0 ** -9)
-    y = engine(x)
-    engine.backward(y.float().sum())
-    p = next(engine.module.parameters())
-    res = {"grad": safe_get_full_grad(p).detach().clone(),
-           "comm_dtypes": sorted(str(d) for d in engine.optimizer.ipg_buckets),
-           "autocast": engine.torch_autocast_enabled(), "loss_dtype": str(y.dtype)}
-    torch.save(res, os.path.join(outdir, f"bf16_rank{rank}.pt"))
+    for name, safe_modules in variants:
+        conf = deepspeed_config(cfg, world, torch.device("cpu"))
+        if safe_modules is not None:
+            conf["torch_autocast"]["lower_precision_safe_modules"] = list(safe_modules)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4, bias=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=conf, dist_init_required=False)
+        x = torch.full((1, 4), 1.0 if rank == 0 else 2.0 ** -9)
+        y = engine(x)
+        engine.backward(y.float().sum())
+        p = next(engine.module.parameters())
+        res = {"grad": safe_get_full_grad(p).detach().clone(),
+               "comm_dtypes": sorted(str(d) for d in engine.optimizer.ipg_buckets),
+               "autocast": engine.torch_autocast_enabled(), "loss_dtype": str(y.dtype)}
+        torch.save(res, os.path.join(outdir, f"{name}_rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 

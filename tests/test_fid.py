@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from helpers import write_random_inception_weights
 
 from simflow.eval import metrics as M
 from simflow.eval.evaluator import ReferenceError, load_reference, main as fid_main, open_samples
@@ -45,8 +44,8 @@ def _images(n, size, seed):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return write_random_inception_weights(str(tmp_path_factory.mktemp("w") / "inception_random.pth"), seed=0)
+def weights(inception_weights):
+    return inception_weights
 
 
 @pytest.fixture(scope="module")

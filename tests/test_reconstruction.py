@@ -123,15 +123,13 @@ def test_cli_crop_to_model_resolution(weights, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_rfid_uses_the_evaluator_features(weights, images, tmp_path):
+def test_rfid_uses_the_evaluator_features(weights, images, inception_weights):
     """rFID = Fréchet distance of Inception pool features (random weights from a file) of originals vs
     reconstructions; recomputed here from the same extractor."""
-    from helpers import write_random_inception_weights
-
     from simflow.eval.features import build_feature_extractor
     from simflow.eval.metrics import feature_statistics, frechet_distance
 
-    inception = write_random_inception_weights(str(tmp_path / "inc.pt"))
+    inception = inception_weights
     extractor = build_feature_extractor("inception", inception)
     model, _ = load_generator(weights, load_config(TINY))
     n = 4  # 16 Inception forwards at 299 px in all: ~10-40 s on 2 shared cores
