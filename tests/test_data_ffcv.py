@@ -1,6 +1,5 @@
 """FFCV .beton behind the SimFlow loader interface: round trip of the demo data, same order, deterministic by seed."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -122,7 +122,6 @@ def _damage(shards_dir):
     bad.update(range(first[2], first[3]))
     # 4) shard 3 rewritten by a "buggy writer": sample 30 without .cls, sample 31 with an empty image
     import tarfile
-    import io
     import webdataset as wds
 
     path = os.path.join(shards_dir, sh[3]["name"])

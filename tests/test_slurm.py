@@ -168,7 +168,7 @@ def _job_env(run_dir: str) -> Dict[str, str]:
 
 
 def _overrides(demo_npz: str, *extra: str) -> List[str]:
-    return [f"data.source=npz", f"data.path={demo_npz}", "train.micro_batch_size=4", "model.flow.width=32",
+    return ["data.source=npz", f"data.path={demo_npz}", "train.micro_batch_size=4", "model.flow.width=32",
             "logging.wandb=disabled", "eval.self_score_samples=0", "train.sample_every=0", "parallel.engine=deepspeed", f"train.steps={STEPS}",
             "train.log_every=1", "train.sample_grid=10", "train.global_batch_size=8", *extra]
 
