@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -232,13 +231,15 @@ def test_ablate_smoke_end_to_end(demo, small_feature_net, tmp_path):
     assert "| a |" in text and "| c |" in text and "| d |" in text  # one table row per variant
     assert ordering_verdict(summarise(results))["text"] in text
     assert png.stat().st_size > 10_000 and (tmp_path / "docs" / "ablation_samples.png").stat().st_size > 10_000
-    stamp = {p: p.stat().st_mtime for p in out.glob("*/seed*/result.json")}
-    t0 = time.time()
-    assert tool.main(argv) == 0  # everything on disk: no training, no sampling
-    assert time.time() - t0 < 60
-    assert {p: p.stat().st_mtime for p in out.glob("*/seed*/result.json")} == stamp
+    def stamp():  # every result, sample grid and weights file of the first invocation
+        return {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/**/*") if p.is_file()}
+
+    before = stamp()
+    assert len(before) >= 9
+    assert tool.main(argv) == 0  # everything on disk: no training, no sampling (no file rewritten)
+    assert stamp() == before
     runs = json.load(open(out / "run.json"))["invocations"]
-    assert len(runs) == 2 and runs[0]["commit"] == runs[1]["commit"] and runs[1]["seconds"] < runs[0]["seconds"]
+    assert len(runs) == 2 and runs[0]["commit"] == runs[1]["commit"]
     assert "2. `python tools/ablate.py --budget 2" in md.read_text()  # both invocations listed
     assert tool.main(argv[:1] + ["0"] + argv[2:]) == 2  # --budget 0 refused
     with pytest.raises(SystemExit):
