@@ -90,7 +90,7 @@ def tp_flow_checks(cfg, tp_group) -> Dict[str, float]:
     of the real :class:`~simflow.models.flow.TransformerFlow` (same seed, same perturbation)."""
     import torch.distributed as dist
 
-    from simflow.models.flow import Guidance, TransformerFlow
+    from simflow.models.flow import TransformerFlow
     from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
 
     tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
@@ -138,13 +138,8 @@ def tp_flow_checks(cfg, tp_group) -> Dict[str, float]:
 
     noise = torch.randn(2, h * h, c, generator=g)
     yl = torch.tensor([3, 7])
+    out.update(guided_sampling_diffs(dense, lambda *a: tp.inverse(*a, use_cache=True), noise, yl))
     with torch.no_grad():
-        for mode in ("deep_only", "gaussian"):
-            guide = Guidance(scale=1.5, mode=mode)
-            a = dense.inverse(noise, yl, guide, use_cache=True)
-            b = tp.inverse(noise, yl, guide, use_cache=True)
-            out[f"sample_{mode}_max_diff"] = (a - b).abs().max().item()
-            out[f"sample_{mode}_max_abs"] = a.abs().max().item()
         # the cached TP decode is also the exact inverse of the TP forward (no guidance)
         zf, _, _ = tp(z_img, y)
         back = tp.inverse(zf, y, None, use_cache=True)
@@ -154,6 +149,22 @@ def tp_flow_checks(cfg, tp_group) -> Dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the real trainer on the DeepSpeed engine
+def guided_sampling_diffs(dense, tp_inverse: Callable, noise: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """KV-cached guided sampling (w = 1.5, ``deep_only`` and ``gaussian``) of the dense flow vs ``tp_inverse(noise,
+    labels, guidance)`` (the same weights under tensor parallelism): ``sample_<mode>_max_diff`` and the dense
+    samples' ``sample_<mode>_max_abs`` (the scale the tests' tolerance is relative to)."""
+    from simflow.models.flow import Guidance
+
+    out: Dict[str, float] = {}
+    with torch.no_grad():
+        for mode in ("deep_only", "gaussian"):
+            guide = Guidance(scale=1.5, mode=mode)
+            a = dense.inverse(noise, labels, guide, use_cache=True)
+            out[f"sample_{mode}_max_diff"] = (a - tp_inverse(noise, labels, guide)).abs().max().item()
+            out[f"sample_{mode}_max_abs"] = a.abs().max().item()
+    return out
+
+
 def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], steps: int, bf16_steps: int = 0,
                    local_state: str = None) -> None:
     """Build the tiny config's Trainer on the DeepSpeed engine, run ``steps`` steps, snapshot the topology-free
@@ -400,14 +411,12 @@ def fsdp2_tp_worker(rank: int, world: int, outdir: str, overrides: List[str]) ->
     res["grad_names_equal"] = set(grads) == set(dn)
     noise = torch.randn(2, h * h, c, generator=g)
     yl = torch.tensor([3, 7])
-    with torch.no_grad():
-        for mode in ("deep_only", "gaussian"):
-            guide = Guidance(scale=1.5, mode=mode)
-            a = dense.inverse(noise, yl, guide, use_cache=True)
-            with eng.full_params(ema=False) as m:
-                b = m.inverse(noise, yl, guide, use_cache=True)
-            res[f"sample_{mode}_max_diff"] = (a - b).abs().max().item()
-            res[f"sample_{mode}_max_abs"] = a.abs().max().item()
+
+    def tp_inverse(*args):
+        with eng.full_params(ema=False) as m:
+            return m.inverse(*args, use_cache=True)
+
+    res.update(guided_sampling_diffs(dense, tp_inverse, noise, yl))
     # a fresh engine that samples before its first forward: the registered ``inverse`` makes the root FSDP2's root,
     # so the training forward + backward through the root that follows works and equals the first engine's
     fresh = FSDP2Engine(cfg, flow, "generator", [], topo)
