@@ -27,6 +27,9 @@ ratio to the reference's median. FLOPs per step are counted once per model on an
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; the compiled model does the same math), so
 GFLOP/s = counted FLOPs / median step time; ``% ceiling`` divides by the best of 5 timed 2048^3 fp32 matmuls
 measured in the same process at the row's precision (the machine's GEMM ceiling at that thread count).
+``GEMM+attn ms`` is the part of a flow step spent inside GEMM and attention kernels (``torch.profiler``, a profiled
+run after each timed one, median over rounds, :func:`gemm_attention_seconds`) and ``bound`` = reference step time / that: the largest ``x ref``
+that row's kernels allow even if every other operation cost nothing.
 
 ``--precision fp32 bf16`` (default both): every row once in fp32 and once under bf16 autocast, the precision both
 trainers use on GPU (ours ``train.precision``, the reference's ``train.py``); ``x ref`` compares against the
@@ -74,6 +77,30 @@ def count_flops(fn) -> int:
     with counter:
         fn()
     return counter.get_total_flops()
+
+
+# The kernels no implementation of the model class can skip: GEMMs and attention (CPU profiler names).
+FLOOR_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+})
+
+
+def gemm_attention_seconds(fn, n: int) -> float:
+    """Seconds per call of ``fn`` spent inside GEMM and attention kernels (``FLOOR_OPS``), from
+    ``torch.profiler``'s self CPU time over ``n`` calls (CPU only: on CUDA self CPU time is not kernel time).
+
+    Both models run the same GEMM and attention shapes (README "Speed"), so ``reference step time / this`` bounds the
+    speed-up any implementation could reach over the reference if every other kernel (norms, activations, adaLN,
+    residuals, optimizer) cost nothing: the ``bound`` column.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in FLOOR_OPS) / n / 1e6
 
 
 def _optimizer(params, fused: bool = False):
@@ -215,21 +242,26 @@ def flow_case(name: str, precision: str, args) -> list:
     ceiling = gemm_ceiling_gflops(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     train_t = {v: [] for v in variants}
     sample_t = {v: [] for v in variants}
+    floor_t = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v, (step, sample) in variants.items():
             train_t[v].append(_timed(step, args.steps))
+            floor_t[v].append(gemm_attention_seconds(step, args.steps))
         for v, (step, sample) in variants.items():
             if not args.no_sample:
                 sample_t[v].append(_timed(sample, 1))
+    floor = {v: statistics.median(ts) for v, ts in floor_t.items()}
     rows = []
     for kind, times, batch, fi in (("flow", train_t, tb, 0),) + (() if args.no_sample else (("sample", sample_t, sb, 1),)):
         ref = statistics.median(times["reference"]) if "reference" in times else None
         for v, ts in times.items():
             med = statistics.median(ts)
             gflops = flops[v][fi] / med / 1e9
-            rows.append(dict(case=f"{kind} {name} {precision}", variant=v, batch=batch, img_s=batch / med,
-                             gflops=gflops, ceiling=ceiling, vs_ref=(ref / med) if ref else None,
-                             spread=(min(ts), max(ts))))
+            row = dict(case=f"{kind} {name} {precision}", variant=v, batch=batch, img_s=batch / med,
+                       gflops=gflops, ceiling=ceiling, vs_ref=(ref / med) if ref else None, spread=(min(ts), max(ts)))
+            if kind == "flow":
+                row.update(floor_ms=1e3 * floor[v], bound=(ref / floor[v]) if ref else None)
+            rows.append(row)
     return rows
 
 
@@ -488,16 +520,22 @@ def main(argv=None) -> int:
                              ceiling=j["ceiling"], vs_ref=None, spread=None))
     print(f"\n{a.threads} threads, {a.rounds} alternating rounds x {a.steps} steps (flow), medians; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    hdr = f"{'case':<17}{'variant':<15}{'batch':>6}{'img/s':>10}{'GFLOP/s':>9}{'% ceiling':>10}{'x ref':>7}"
+    hdr = (f"{'case':<17}{'variant':<15}{'batch':>6}{'img/s':>10}{'GFLOP/s':>9}{'% ceiling':>10}{'x ref':>7}"
+           f"{'GEMM+attn ms':>13}{'bound':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         ratio = f"{r['vs_ref']:.2f}" if r["vs_ref"] else "-"
+        floor = f"{r['floor_ms']:.1f}" if r.get("floor_ms") else "-"
+        bound = f"{r['bound']:.2f}" if r.get("bound") else "-"
         print(f"{r['case']:<17}{r['variant']:<15}{r['batch']:>6}{r['img_s']:>10.1f}{r['gflops']:>9.1f}"
-              f"{100 * r['gflops'] / r['ceiling']:>9.0f}%{ratio:>7}")
+              f"{100 * r['gflops'] / r['ceiling']:>9.0f}%{ratio:>7}{floor:>13}{bound:>7}")
     ceilings = {r["case"].rsplit(" ", 1)[-1]: r["ceiling"] for r in rows}
     print("GEMM ceiling (2048^3 matmul, best of 5; % ceiling is against the row's precision): "
           + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()))
+    print("GEMM+attn ms: time per step inside GEMM and attention kernels (torch.profiler, a profiled run after each "
+          "timed one, median);\nbound: reference step time / that, the largest 'x ref' the row's kernels allow if all "
+          "other work were free")
     return 0
 
 

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from simflow.config import FlowConfig
-from simflow.models.layers import DenseLinearFactory, FP32LayerNorm, attention, modulate, xavier_init, zeros_init
+from simflow.models.layers import (DenseLinearFactory, FP32LayerNorm, attention, gated_residual, modulate, xavier_init,
+                                   zeros_init)
 
 SOFTPLUS_SHIFT = 0.5413248546129181  # softplus(0.5413...) == 1 (STARFlow, method §4.3 step 6)
 LOG_2PI = math.log(2 * math.pi)
@@ -268,8 +269,8 @@ class TransformerLayer(nn.Module):
             if cache is not None:
                 cache["mod"] = mod
         sa, ca, ga, sm, cm, gm = mod
-        x = torch.addcmul(x, ga.unsqueeze(1), self.attn(modulate(self.norm1(x), sa, ca), cache))  # x + g * attn
-        return torch.addcmul(x, gm.unsqueeze(1), self.mlp(modulate(self.norm2(x), sm, cm)))
+        x = gated_residual(x, ga, self.attn(modulate(self.norm1(x), sa, ca), cache))
+        return gated_residual(x, gm, self.mlp(modulate(self.norm2(x), sm, cm)))
 
 
 class FlowBlock(nn.Module):

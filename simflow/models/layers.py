@@ -103,12 +103,64 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: b
     return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation ``x * (1 + scale) + shift`` (DiT, arXiv 2212.09748 §3.2).
+class _Modulate(torch.autograd.Function):
+    """``x * (1 + scale) + shift`` with a hand-written backward (see :func:`modulate`)."""
 
-    Shapes: ``x`` (B, T, D); ``shift``/``scale`` (B, D), broadcast over tokens.
+    @staticmethod
+    def forward(ctx, x, shift, scale):
+        one_plus = 1 + scale.unsqueeze(1)
+        ctx.save_for_backward(x, one_plus)
+        ctx.dtypes = (shift.dtype, scale.dtype)
+        return torch.addcmul(shift.unsqueeze(1), x, one_plus)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, one_plus = ctx.saved_tensors
+        need_x, need_shift, need_scale = ctx.needs_input_grad
+        grad_x = (grad * one_plus).to(x.dtype) if need_x else None
+        grad_shift = grad.sum(1).to(ctx.dtypes[0]) if need_shift else None
+        grad_scale = (grad * x).sum(1).to(ctx.dtypes[1]) if need_scale else None
+        return grad_x, grad_shift, grad_scale
+
+
+class _GatedResidual(torch.autograd.Function):
+    """``x + gate * y`` with a hand-written backward (see :func:`gated_residual`)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, y):
+        gate = gate.unsqueeze(1)
+        ctx.save_for_backward(gate, y)
+        return torch.addcmul(x, gate, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, y = ctx.saved_tensors
+        need_x, need_gate, need_y = ctx.needs_input_grad
+        grad_gate = (grad * y).sum(1).to(gate.dtype) if need_gate else None
+        grad_y = (grad * gate).to(y.dtype) if need_y else None
+        return (grad if need_x else None), grad_gate, grad_y
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift`` (DiT, arXiv 2212.09748 §3.2; method §4.3 step 3).
+
+    Shapes: ``x`` (B, T, D); ``shift``/``scale`` (B, D), broadcast over tokens -> (B, T, D) in the promoted dtype
+    (fp32 when ``x`` is fp32 and the modulation bf16, as under autocast). Forward is one ``addcmul`` kernel. The
+    backward is written out because autograd's ``addcmul`` backward scales both factors by its ``value`` argument
+    (an extra full pass over a (B, T, D) tensor per call): ``dx = g (1 + scale)``,
+    ``dshift = sum_t g``, ``dscale = sum_t g x``, three passes plus two token reductions.
     """
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # one fused kernel for x * (1+s) + b
+    return _Modulate.apply(x, shift, scale)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """adaLN-Zero gated residual ``x + gate * y`` (DiT, arXiv 2212.09748 §3.2; method §4.3 step 3).
+
+    Shapes: ``x``, ``y`` (B, T, D); ``gate`` (B, D), broadcast over tokens -> (B, T, D) in the promoted dtype.
+    One ``addcmul`` forward; backward ``dx = g``, ``dy = g gate``, ``dgate = sum_t g y`` (no extra pass, as in
+    :func:`modulate`). Gradients come back in each input's dtype.
+    """
+    return _GatedResidual.apply(x, gate, y)
 
 
 class FP32LayerNorm(nn.LayerNorm):
