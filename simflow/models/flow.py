@@ -210,8 +210,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = self.qkv(x)
         heads = qkv.shape[-1] // (3 * self.head_dim)
-        # (B, T, H, 3, hd) -> three (B, H, T, hd) views, no copies
-        q, k, v = qkv.view(b, t, heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
+        # (B, T, H, 3, hd) -> three (B, H, T, hd) views, no copies. Unbinding dim 3 before transposing makes the
+        # backward's stack write the (B, T, H, 3, hd) gradient layout directly (no extra copy into the qkv layout).
+        q, k, v = (u.transpose(1, 2) for u in qkv.view(b, t, heads, 3, self.head_dim).unbind(3))
         if cache is None:
             o = attention(q, k, v, is_causal=True)
         else:
