@@ -130,6 +130,7 @@ class _GatedResidual(torch.autograd.Function):
     def forward(ctx, x, gate, y):
         gate = gate.unsqueeze(1)
         ctx.save_for_backward(gate, y)
+        ctx.x_dtype = x.dtype
         return torch.addcmul(x, gate, y)
 
     @staticmethod
@@ -138,7 +139,7 @@ class _GatedResidual(torch.autograd.Function):
         need_x, need_gate, need_y = ctx.needs_input_grad
         grad_gate = (grad * y).sum(1).to(gate.dtype) if need_gate else None
         grad_y = (grad * gate).to(y.dtype) if need_y else None
-        return (grad if need_x else None), grad_gate, grad_y
+        return (grad.to(ctx.x_dtype) if need_x else None), grad_gate, grad_y
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
