@@ -278,6 +278,35 @@ def _local_state(tr) -> Dict[str, Any]:
     return out
 
 
+def _save_with_poisoned_zero3_padding(tr) -> Dict[str, Any]:
+    """Fill the ZeRO-3 padding tail of every fp32 master partition, AdamW moment and EMA partition on this rank with
+    NaN (DeepSpeed allocates those tails with ``torch.empty``: whatever bytes the allocator hands back), save a
+    checkpoint, and report: padded elements poisoned, whether the step committed, and whether its data equals the
+    state's (padding excluded)."""
+    from deepspeed.utils import safe_get_local_optimizer_state
+
+    from simflow.checkpoint.sharded import zero3_range
+    from simflow.checkpoint.store import MARKER
+
+    poisoned = 0
+    with torch.no_grad():
+        for eng in (tr.gen, tr.disc):
+            for name, p in eng._params.items():
+                start, stop = zero3_range(int(p.ds_numel), eng.dp_rank, eng.dp_size)
+                flats = [eng._local_fp32(p)] if name in eng._trainable else []
+                flats += [safe_get_local_optimizer_state(p, k).view(-1) for k in ("exp_avg", "exp_avg_sq")
+                          if name in eng._trainable]
+                flats += [eng.ema[name]] if name in eng.ema else []
+                for flat in flats:
+                    flat[stop - start:] = float("nan")
+                    poisoned += flat.numel() - (stop - start)
+    before = tr.gen.state_dict()
+    d = tr.save(block=True)
+    committed = os.path.exists(os.path.join(d, MARKER))
+    return {"poisoned": poisoned, "committed": committed, "dir": d, "full_finite": all(
+        bool(torch.isfinite(t).all()) for t in list(before["module"].values()) + list(before["ema"].values()))}
+
+
 def nonfinite_worker(rank: int, world: int, outdir: str, overrides: List[str], poison: str) -> None:
     """DeepSpeed or FSDP2 Trainer (``parallel.engine`` in ``overrides``) with ``SIMFLOW_TEST_POISON_LOSS=poison``: 3 steps, snapshot (this rank's shards and the
     full topology-free state), the 4th step (poisoned on one rank), snapshot, 2 more steps, flush the metrics; then
@@ -309,6 +338,8 @@ def nonfinite_worker(rank: int, world: int, outdir: str, overrides: List[str], p
     res["rows"] = tr.flush_metrics()
     tr.check_skips()
     res["skipped_steps"] = tr.skipped_steps
+    if hasattr(tr.gen, "_ds"):
+        res["padding_save"] = _save_with_poisoned_zero3_padding(tr)
     try:
         tr.fit()
         res["exit"] = None

@@ -292,6 +292,20 @@ def test_non_finite_state_is_never_committed_or_exported(tmp_path, demo_npz):
     assert not os.path.exists(tmp_path / "nan.safetensors")
 
 
+def test_only_written_elements_count_as_non_finite():
+    """A FlatShard's ZeRO-3 padding tail is never written (DeepSpeed allocates it uninitialised): NaN/Inf there does
+    not refuse a commit, NaN/Inf in its data range (or in a plain tensor) does."""
+    from simflow.checkpoint.manager import _first_nonfinite
+
+    start, stop = zero3_range(5, 1, 2)  # DP rank 1 of 2 owns elements 3 and 4 of a 3-element partition
+    flat = torch.tensor([1.0, 2.0, float("nan")])
+    padded = {"ok": torch.ones(4), "w": FlatShard.wrap(flat, (5,), None, 0, 1, start, stop)}
+    assert _first_nonfinite(padded) is None
+    flat[0] = float("inf")
+    assert _first_nonfinite(padded) == "w"
+    assert _first_nonfinite({"plain": torch.tensor([0.0, float("nan")]).to(torch.bfloat16)}) == "plain"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # signals (one process; the multi-rank vote is in test_checkpoint_dist.py)
 def test_stop_signal_saves_and_requeues_then_resume_is_exact(tmp_path, demo_npz):

@@ -41,8 +41,10 @@ def _run(world, ov, out, timeout=600):
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     codes = wait_all(launch_ranks(world, ov, logs, free_port()), timeout)
-    assert codes == [0] * world, f"exit codes {codes}\n{read_logs(logs)}"
-    return read_logs(logs)
+    text = read_logs(logs)
+    assert codes == [0] * world, f"exit codes {codes}\n{text}"
+    assert "NOT committed" not in text, f"a save was refused (every save here must commit)\n{text}"
+    return text
 
 
 def _close(a: float, b: float, rel: float = REL) -> bool:

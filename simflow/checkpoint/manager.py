@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from simflow import storage
+from simflow.checkpoint.sharded import FlatShard
 from simflow.checkpoint.store import (COMMON, CheckpointError, Group, _SingleGroup, commit, find_latest_with_report,
                                       prepare_step_dir, load_json, load_rank_state, read_manifest, rng_name,
                                       save_json, save_torch, step_dir, write_tensors, read_tensors)
@@ -43,9 +44,13 @@ log = logging.getLogger("simflow")
 
 
 def _first_nonfinite(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
-    """Key of the first tensor holding NaN/Inf, or None. A float64 sum is an exact test for fp32/bf16/fp16 data
-    (NaN and Inf propagate; finite values cannot overflow float64) and ~10x cheaper than ``isfinite().all()``."""
+    """Key of the first tensor whose *written* elements hold NaN/Inf, or None. A float64 sum is an exact test for
+    fp32/bf16/fp16 data (NaN and Inf propagate; finite values cannot overflow float64) and ~10x cheaper than
+    ``isfinite().all()``. Of a :class:`~simflow.checkpoint.sharded.FlatShard` only the data range counts: its ZeRO-3
+    padding tail is never written, and DeepSpeed allocates it with ``torch.empty`` (any bytes, NaN included)."""
     for k, t in tensors.items():
+        if isinstance(t, FlatShard):
+            t = t.data_range()
         if not t.is_floating_point() or not t.numel():
             continue
         if t.dtype == torch.float64:
