@@ -32,7 +32,7 @@ Order of work, so that a bad layout fails fast and identically on every rank:
 2. check the layout against the config (world divisible by ``parallel.tp_size``; with ``train.global_batch_size``
    set, ``train.grad_accumulation`` is derived for this DP size and must come out whole; heads divisible by TP)
    -> exit status 2 with the key named (``data.path`` was already checked by :func:`main`);
-3. start the process groups (gloo on CPU, NCCL on CUDA) and megatron-core's TP/DP groups;
+3. start the process groups (gloo on CPU, NCCL on CUDA; megatron-core's TP/DP groups for DeepSpeed with TP > 1);
 4. claim the run directory (run id + run lock, collective; another live job's lock -> exit 73 naming it), then
    print the topology table once (rank 0);
 5. run the trainer (:func:`simflow.train.trainer.run`) with the engine factory

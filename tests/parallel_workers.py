@@ -70,7 +70,7 @@ def spawn(fn: Callable, world: int, args: Sequence[Any], errdir: str, timeout: f
 def _perturb(model: torch.nn.Module, tp_rank: int, tp_size: int) -> None:
     """Add the same N(0, 0.05^2) full-size noise to every parameter of a dense and a TP model (TP models keep
     their slice), so the zero-initialised adaLN and heads do not make the flow the identity."""
-    from simflow.parallel.tensor_parallel import tp_partition_dim
+    from simflow.parallel.engine import tp_partition_dim
 
     with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):
@@ -91,7 +91,8 @@ def tp_flow_checks(cfg, tp_group) -> Dict[str, float]:
     import torch.distributed as dist
 
     from simflow.models.flow import TransformerFlow
-    from simflow.parallel.tensor_parallel import TensorParallelLinearFactory, tp_partition_dim
+    from simflow.parallel.engine import tp_partition_dim
+    from simflow.parallel.tensor_parallel import TensorParallelLinearFactory
 
     tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     c, h = cfg.model.vae.latent_channels, cfg.model.resolution // 2 ** (len(cfg.model.vae.ch_mult) - 1)
@@ -192,7 +193,7 @@ def trainer_worker(rank: int, world: int, outdir: str, overrides: List[str], ste
     res["full_numel"] = gen.full_numel()
     res["tp_local_numel"] = sum(int(p.ds_numel) for p in gen.inner.parameters())
     res["n_params"] = len(list(gen.inner.parameters()))
-    from simflow.parallel.tensor_parallel import tp_partition_dim
+    from simflow.parallel.engine import tp_partition_dim
 
     res["tp_split_local_numel"] = sum(int(p.ds_numel) for p in gen.inner.parameters() if tp_partition_dim(p) is not None)
     numels = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]

@@ -149,3 +149,53 @@ def test_launcher_rejects_bad_layout_before_any_process_group(overrides, env, ke
     err = capsys.readouterr().err
     assert "config error" in err and key in err
     assert not torch.distributed.is_initialized()
+
+
+def test_rank_layout_is_megatron_order():
+    """TP groups are adjacent ranks, DP groups ranks TP apart: world 8, TP 2 -> rank 5 is (tp 1, dp 2); megatron-core
+    places the DeepSpeed engine's ranks alike (init_topology checks it on every rank) and FSDP2's mesh is (dp, tp)."""
+    from simflow.parallel.topology import rank_layout
+
+    assert [rank_layout(r, 8, 2) for r in range(8)] == [(r % 2, r // 2) for r in range(8)]
+    assert rank_layout(5, 8, 2) == (1, 2) and rank_layout(3, 4, 1) == (0, 3) and rank_layout(3, 4, 4) == (3, 0)
+    for bad in ((0, 6, 4), (6, 6, 2), (-1, 4, 2), (0, 4, 0)):
+        with pytest.raises(ValueError, match="rank_layout"):
+            rank_layout(*bad)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
+def test_tp1_engines_never_import_megatron(engine):
+    """At TP = 1 the FSDP2 and the DeepSpeed engines start their process groups and build (DeepSpeed: ZeRO-3 over
+    the world, no mpu) without megatron-core, whose import pulls in torch._dynamo (~2 s of CPU per process); their
+    Topology refuses to hand out megatron groups, and destroy_topology may run twice."""
+    import subprocess
+    import sys
+
+    from simflow.runtime import free_port
+
+    code = (
+        "import os, sys, torch\n"
+        "from simflow.config import load_config\n"
+        "from simflow.parallel.factory import build_engine\n"
+        "from simflow.parallel.topology import destroy_topology, init_topology\n"
+        "from simflow.runtime import DistEnv\n"
+        f"cfg = load_config({TINY!r}, ['parallel.engine={engine}', 'model.flow.layers_per_block=[1,1,1,1]'])\n"
+        f"topo = init_topology(cfg, DistEnv('torchrun', 0, 1, 0, 1, 0, 1, '127.0.0.1', {free_port()}))\n"
+        "assert (topo.tp_rank, topo.dp_rank, topo.dp_size, topo.megatron) == (0, 0, 1, False), topo\n"
+        "eng = build_engine(cfg, lambda factory=None: torch.nn.Linear(3, 5), 'discriminator', [], topo)\n"
+        "eng.backward(eng.module(torch.ones(2, 3)).square().sum())\n"
+        "eng.step()\n"
+        "assert topo.distributed and not any(m.startswith('megatron') for m in sys.modules)\n"
+        "try:\n"
+        "    topo.tp_group\n"
+        "except RuntimeError as e:\n"
+        f"    assert 'parallel.engine={engine}: no megatron-core groups' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('tp_group handed out a group')\n"
+        "destroy_topology(topo)\n"
+        "destroy_topology(topo)\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

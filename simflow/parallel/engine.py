@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -206,6 +206,15 @@ def requires_grad_off(params: Iterable[nn.Parameter]) -> Iterator[None]:
 
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter moments, as the checkpoint names them
+
+
+def tp_partition_dim(param: torch.Tensor) -> Optional[int]:
+    """The dimension along which ``param`` is split over tensor-parallel ranks, or ``None`` if it is replicated
+    (reads the ``tensor_model_parallel`` / ``partition_dim`` attributes megatron-core's column/row-parallel layers
+    set; defined here so that engines read them without importing megatron-core)."""
+    if getattr(param, "tensor_model_parallel", False):
+        return int(getattr(param, "partition_dim"))
+    return None
 
 
 def sharded_load_targets(role: str, meta: Dict[str, Any], params: Dict[str, Any], trainable: Sequence[str],

@@ -20,7 +20,8 @@ identically for TP = 1, 2, 4, ... and the concatenated slices equal the TP = 1 w
 
 Constraints (megatron-core 0.16 on CPU): no sequence parallelism (it needs Apex / Transformer Engine LayerNorm) and no
 ``gather_output=True`` (both allocate on ``torch.cuda.current_device()``), ``gradient_accumulation_fusion=False``
-(a fused CUDA kernel); the TP group comes from megatron-core ``parallel_state``.
+(a fused CUDA kernel); the TP group comes from megatron-core ``parallel_state``. Which dimension a parameter is
+split along is read back by :func:`simflow.parallel.engine.tp_partition_dim`.
 """
 
 from __future__ import annotations
@@ -64,14 +65,6 @@ class RowParallelDense(RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return _flat_call(super().forward, x, self.output_size)
-
-
-def tp_partition_dim(param: torch.Tensor) -> Optional[int]:
-    """The dimension along which ``param`` is split over tensor-parallel ranks, or ``None`` if it is replicated
-    (reads megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes)."""
-    if getattr(param, "tensor_model_parallel", False):
-        return int(getattr(param, "partition_dim"))
-    return None
 
 
 class TensorParallelLinearFactory:
@@ -146,4 +139,4 @@ class TensorParallelLinearFactory:
         )
 
 
-__all__ = ["TensorParallelLinearFactory", "ColumnParallelDense", "RowParallelDense", "tp_partition_dim"]
+__all__ = ["TensorParallelLinearFactory", "ColumnParallelDense", "RowParallelDense"]

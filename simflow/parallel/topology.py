@@ -13,22 +13,43 @@ Three ways a process can be started, all read from the environment (no flags):
 
 :func:`simflow.runtime.detect_dist_env` only *reads* the environment: the launcher uses it to validate the configuration (global
 batch = micro-batch x accumulation x DP) before any process group exists. :func:`init_topology` then starts
-``torch.distributed`` (gloo on CPU, NCCL on CUDA), megatron-core ``parallel_state`` with ``tp_size`` adjacent ranks
-per tensor-parallel group (megatron order ``tp-cp-ep-dp-pp``: ranks ``[0, 1]`` are one TP group when TP=2, so TP
-stays inside a node), and DeepSpeed's communication layer when the DeepSpeed engine is used. DP = world / TP.
+``torch.distributed`` (gloo on CPU, NCCL on CUDA), DeepSpeed's communication layer for the DeepSpeed engine and,
+for DeepSpeed with TP > 1 only, megatron-core ``parallel_state`` (DeepSpeed's ``mpu`` and the column/row-parallel
+layers read their groups from it; :func:`uses_megatron`). The FSDP2 engine builds its TP/DP groups from a
+``DeviceMesh``, DeepSpeed at TP = 1 shards over the whole world and the local engine needs no groups, so none of them
+imports megatron-core (about 2 s of CPU per process: it pulls in ``torch._dynamo``). Every engine places ranks alike
+(:func:`rank_layout`, megatron order ``tp-cp-ep-dp-pp``): ``tp_size`` adjacent ranks per tensor-parallel group (ranks
+``[0, 1]`` are one TP group when TP=2, so TP stays inside a node). DP = world / TP.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from simflow.config import ConfigError, SimFlowConfig, derive_grad_accumulation, global_batch_size, validate
 from simflow.runtime import DistEnv, detect_dist_env, free_port, resolve_device
+
+
+def rank_layout(rank: int, world_size: int, tp_size: int) -> Tuple[int, int]:
+    """``(tp_rank, dp_rank)`` of global ``rank``: TP groups are ``tp_size`` adjacent ranks, DP groups the ranks
+    ``tp_size`` apart (megatron-core's ``tp-cp-ep-dp-pp`` order with CP = EP = PP = 1; the FSDP2 engine's ``(dp,
+    tp)`` mesh). Raises ValueError when ``tp_size`` does not divide ``world_size`` or ``rank`` is outside it."""
+    if tp_size < 1 or world_size % tp_size or not 0 <= rank < world_size:
+        raise ValueError(f"rank_layout: rank {rank} of world size {world_size} with TP={tp_size}")
+    return rank % tp_size, rank // tp_size
+
+
+def uses_megatron(cfg: SimFlowConfig) -> bool:
+    """True when the engine takes its process groups from megatron-core ``parallel_state``: DeepSpeed with TP > 1
+    (its ``mpu`` and the column/row-parallel layers). DeepSpeed at TP = 1 is plain ZeRO-3 over the world, FSDP2
+    uses a ``DeviceMesh``, the local engine no groups."""
+    return cfg.parallel.engine == "deepspeed" and cfg.parallel.tp_size > 1
 
 
 def resolve_backend(cfg: SimFlowConfig, device: torch.device) -> str:
@@ -84,6 +105,7 @@ class Topology:
         device: ``cpu`` or ``cuda:<local_rank>``.
         backend: ``gloo`` or ``nccl`` (``None`` when no process group was started: world size 1, local engine).
         engine: ``local``, ``deepspeed`` or ``fsdp2`` (from ``parallel.engine``).
+        megatron: True when megatron-core ``parallel_state`` holds this job's TP/DP groups (:func:`uses_megatron`).
     """
 
     env: DistEnv
@@ -94,6 +116,7 @@ class Topology:
     device: torch.device
     backend: Optional[str]
     engine: str
+    megatron: bool = False
     _owns_process_group: bool = field(default=False, repr=False)
 
     @classmethod
@@ -128,21 +151,25 @@ class Topology:
 
     @property
     def tp_group(self):
-        """The tensor-parallel process group (``None`` when not distributed)."""
-        if not self.distributed:
-            return None
-        from megatron.core import parallel_state
-
-        return parallel_state.get_tensor_model_parallel_group()
+        """The tensor-parallel process group of megatron-core ``parallel_state`` (``None`` when not distributed).
+        Raises RuntimeError under an engine that keeps its groups in a ``DeviceMesh`` (FSDP2)."""
+        return self._megatron_group("get_tensor_model_parallel_group")
 
     @property
     def dp_group(self):
-        """The data-parallel process group (``None`` when not distributed)."""
+        """The data-parallel process group of megatron-core ``parallel_state`` (``None`` when not distributed).
+        Raises RuntimeError under an engine that keeps its groups in a ``DeviceMesh`` (FSDP2)."""
+        return self._megatron_group("get_data_parallel_group")
+
+    def _megatron_group(self, getter: str):
         if not self.distributed:
             return None
+        if not self.megatron:
+            raise RuntimeError(f"parallel.engine={self.engine}: no megatron-core groups (the engine builds its own, "
+                               f"e.g. FSDP2's DeviceMesh)")
         from megatron.core import parallel_state
 
-        return parallel_state.get_data_parallel_group()
+        return getattr(parallel_state, getter)()
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process without a process group)."""
@@ -195,9 +222,10 @@ def init_topology(
 
     Steps: check the layout (:func:`check_parallel_config`); pick the device and backend; set ``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` in ``os.environ`` (DeepSpeed reads them);
-    ``torch.distributed.init_process_group``; megatron-core ``parallel_state.initialize_model_parallel(tp_size)``;
-    ``deepspeed.init_distributed`` for the DeepSpeed engine. A world of one process with the local engine starts no
-    process group at all.
+    ``torch.distributed.init_process_group``; megatron-core ``parallel_state.initialize_model_parallel(tp_size)``
+    where :func:`uses_megatron` (elsewhere the ranks come from :func:`rank_layout`); ``deepspeed.init_distributed``
+    for the DeepSpeed engine. A world of one process with the local engine starts no process group at
+    all.
 
     Raises:
         ConfigError: bad layout or environment.
@@ -238,6 +266,15 @@ def init_topology(
         )
         owns = True
 
+    if cfg.parallel.engine == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if not uses_megatron(cfg):
+        tp_rank, dp_rank = rank_layout(env.rank, env.world_size, cfg.parallel.tp_size)
+        return Topology(env=env, tp_size=cfg.parallel.tp_size, tp_rank=tp_rank, dp_size=dp, dp_rank=dp_rank,
+                        device=device, backend=backend, engine=cfg.parallel.engine, _owns_process_group=owns)
+
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
@@ -252,10 +289,6 @@ def init_topology(
             create_gloo_process_groups=False,
             distributed_timeout_minutes=int(max(1, timeout_minutes)),
         )
-    if cfg.parallel.engine == "deepspeed":
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     topo = Topology(
         env=env,
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
@@ -265,21 +298,22 @@ def init_topology(
         device=device,
         backend=backend,
         engine=cfg.parallel.engine,
+        megatron=True,
         _owns_process_group=owns,
     )
-    assert topo.dp_size == dp, (topo.dp_size, dp)
+    if (topo.tp_rank, topo.dp_rank) != rank_layout(env.rank, env.world_size, topo.tp_size) or topo.dp_size != dp:
+        raise RuntimeError(f"megatron-core placed rank {env.rank} at (tp_rank, dp_rank, dp_size) = "
+                           f"({topo.tp_rank}, {topo.dp_rank}, {topo.dp_size}), expected "
+                           f"{(*rank_layout(env.rank, env.world_size, topo.tp_size), dp)}")
     return topo
 
 
 def destroy_topology(topo: Optional[Topology] = None) -> None:
-    """Tear down megatron-core groups and the default process group (if this module started it)."""
-    try:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-    except ImportError:  # pragma: no cover - megatron-core is a hard dependency
-        pass
+    """Tear down megatron-core's groups (when initialised; megatron-core is not imported for this) and the default
+    process group (if :func:`init_topology` started it, or always when ``topo`` is None). Safe to call twice."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if topo is None or topo._owns_process_group:
             torch.distributed.destroy_process_group()
@@ -290,5 +324,7 @@ __all__ = [
     "init_topology",
     "destroy_topology",
     "check_parallel_config",
+    "rank_layout",
+    "uses_megatron",
     "resolve_backend",
 ]
