@@ -292,6 +292,33 @@ def test_non_finite_state_is_never_committed_or_exported(tmp_path, demo_npz):
     assert not os.path.exists(tmp_path / "nan.safetensors")
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_save_refused_for_non_finite_state_stops_the_run_with_status_3(tmp_path, demo_npz, monkeypatch, async_save):
+    """NaN reaches the EMA after step 3 (the step guard only sees losses and gradients): the save of step 4 is
+    refused, and since no later save could commit, fit() stops with NonFiniteExit (status 3) once the save is
+    finalized (step 4 when synchronous; in the background at the next step's poll, or at the latest before the next
+    save starts), naming step, rank and tensor; step 2 stays the newest, no other step directory is left."""
+    from simflow.train.signals import NONFINITE_EXIT_CODE, NonFiniteExit
+
+    t = Trainer(cfg_for(demo_npz, tmp_path, "train.steps=8", "checkpoint.every_steps=2",
+                        f"checkpoint.async_save={str(async_save).lower()}"))
+    name = sorted(t.gen.ema)[0]
+    update = t.gen.ema_update
+
+    def poisoned_update():
+        update()
+        if t.gen.steps == 3:
+            t.gen.ema[name].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(t.gen, "ema_update", poisoned_update)
+    with pytest.raises(NonFiniteExit) as e:
+        t.fit()
+    assert e.value.code == NONFINITE_EXIT_CODE == 3 and t.step in ((5, 6) if async_save else (4,))
+    assert f"checkpoint of step 4 refused (rank 0: non-finite values in generator/ema/{name})" in e.value.message
+    root = os.path.join(tmp_path, "checkpoints")
+    assert [s for s, _ in list_steps(root)] == [2] and verify(os.path.join(root, "step-0000002"))[0]
+
+
 def test_only_written_elements_count_as_non_finite():
     """A FlatShard's ZeRO-3 padding tail is never written (DeepSpeed allocates it uninitialised): NaN/Inf there does
     not refuse a commit, NaN/Inf in its data range (or in a plain tensor) does."""

@@ -61,6 +61,12 @@ def _first_nonfinite(tensors: Dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
+def describe_refusal(refused: Dict[str, Any]) -> str:
+    """``"rank 1: non-finite values in <key>; rank 0: write failed: <error>"`` for :attr:`Checkpointer.refused`."""
+    return "; ".join([f"rank {r}: non-finite values in {b}" for r, b in refused["nonfinite"]] +
+                     [f"rank {r}: write failed: {e}" for r, e in refused["errors"]])
+
+
 class _Pending:
     """A save whose DCP write may still be running in a background thread."""
 
@@ -112,6 +118,9 @@ class Checkpointer:
         self.ctl = Group(dist.new_group(backend="gloo")) if on else _SingleGroup()
         self.pending: Optional[_Pending] = None
         self.last_stats: Dict[str, Any] = {}
+        # the newest save that was not committed, identical on every rank: {"step", "nonfinite": [(rank, key)],
+        # "errors": [(rank, message)]}; None after a committed save
+        self.refused: Optional[Dict[str, Any]] = None
         self.saves: List[Dict[str, Any]] = []  # per save: step, started/returned/written/committed (perf_counter s)
 
     # ------------------------------------------------------------------------------------------------------
@@ -178,14 +187,13 @@ class Checkpointer:
         p, self.pending = self.pending, None
         err = None if p.error is None else f"{type(p.error).__name__}: {p.error}"
         gathered = self.ctl.all_gather((p.records, p.bad, err))
+        bad = [(r, b) for r, (_, b, _) in enumerate(gathered) if b]
+        errs = [(r, e) for r, (_, _, e) in enumerate(gathered) if e]
+        self.refused = {"step": p.step, "nonfinite": bad, "errors": errs} if bad or errs else None
         if self.ctl.rank == 0:
-            bad = [(r, b) for r, (_, b, _) in enumerate(gathered) if b]
-            errs = [(r, e) for r, (_, _, e) in enumerate(gathered) if e]
             if bad or errs:
-                why = "; ".join([f"rank {r}: non-finite values in {b}" for r, b in bad] +
-                                [f"rank {r}: write failed: {e}" for r, e in errs])
                 log.error("checkpoint of step %d NOT committed (%s); the previous committed step stays the newest",
-                          p.step, why)
+                          p.step, describe_refusal(self.refused))
                 storage.rmtree(p.d)
             else:
                 commit(self.root, p.d, p.step, [g[0] for g in gathered], p.meta, self.keep)

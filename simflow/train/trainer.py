@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from simflow.checkpoint.export import write_streamed
 from simflow.checkpoint.lock import claim_run_dir
-from simflow.checkpoint.manager import Checkpointer, check_resumable
+from simflow.checkpoint.manager import Checkpointer, check_resumable, describe_refusal
 from simflow.checkpoint.rng import rng_state, set_rng_state
 from simflow.checkpoint.store import Group
 from simflow.checkpoint.weights import load_vae_weights
@@ -319,6 +319,34 @@ class Trainer:
                 log.error("%s; exiting with status %d", msg, exc.code)
             raise exc
 
+    def check_refused_checkpoint(self) -> None:
+        """After a save was finalized (``save``, ``poll``, ``wait``): a save refused because the state held NaN/Inf
+        stops the run, since the weights, moments or EMA in memory stay non-finite and no later save could commit
+        (a week of training would go on with no checkpoint). A write failure (storage) only logs: the next save
+        retries. Identical on every rank (:attr:`Checkpointer.refused` is built from all-gathered flags).
+
+        Raises:
+            NonFiniteExit: exit status 3, naming the step, the rank and the tensor.
+        """
+        refused = self.checkpointer.refused
+        if refused is None or not refused["nonfinite"]:
+            return
+        msg = (f"checkpoint of step {refused['step']} refused ({describe_refusal(refused)}): the training state in "
+               f"memory is non-finite, so no later save can commit; the run stops, and the newest committed checkpoint "
+               f"holds the last good state")
+        exc = NonFiniteExit(self.step, msg)
+        if self.topo.is_main:
+            log.error("%s; exiting with status %d", msg, exc.code)
+        raise exc
+
+    def _save_checked(self, block: bool) -> None:
+        """:meth:`save` inside ``fit``: the previous background save is finalized and checked first (a refused one
+        stops the run before another save of the same state starts), and a blocking save is checked at once."""
+        self.checkpointer.wait()
+        self.check_refused_checkpoint()
+        self.save(block=block)
+        self.check_refused_checkpoint()
+
     def _sync_point(self) -> List[Dict[str, float]]:
         """Log-step / pre-save reads: flush the metric rows into :attr:`history`, then check the skip counters."""
         rows = self.flush_metrics()
@@ -401,12 +429,13 @@ class Trainer:
                         plot_loss_curve(self.metrics.path, os.path.join(self.out_dir, "loss_curve.png"))
                 watchdog.beat("checkpoint poll")
                 self.checkpointer.poll()  # commits a finished background save (collective only while one is pending)
+                self.check_refused_checkpoint()
                 watchdog.beat("step boundary vote")
                 stop, time_due = boundary.vote()  # one all-reduce(MAX): any rank's signal or timer counts
                 if stop or time_due or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
                     watchdog.beat("checkpoint save")
                     self._sync_point()  # never save while max_skipped_steps consecutive skips are pending
-                    self.save(block=stop)  # a requeue exit waits for its checkpoint to be committed
+                    self._save_checked(block=stop)  # a requeue exit waits for its checkpoint to be committed
                     boundary.saved()
                 if stop:
                     bar.close()
@@ -421,8 +450,9 @@ class Trainer:
             self._sync_point()
             if self._saved_step != self.step:
                 watchdog.beat("final checkpoint save")
-                self.save()
+                self._save_checked(block=False)
             self.checkpointer.wait()
+            self.check_refused_checkpoint()
             watchdog.beat("final samples and export")
             samples = self.sample_grid(os.path.join(self.out_dir, "samples.png"))  # collective: every rank
             weights = self.export(os.path.join(self.out_dir, "weights.safetensors"))
