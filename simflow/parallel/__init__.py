@@ -2,7 +2,7 @@
 
 Modules: :mod:`~simflow.parallel.engine` (interface, ``LocalEngine``), :mod:`~simflow.parallel.topology`
 (torchrun/srun environment, process groups; megatron-core ``parallel_state`` for DeepSpeed with TP > 1 only),
-:mod:`~simflow.parallel.mpu` (DeepSpeed's mpu over megatron-core), :mod:`~simflow.parallel.tensor_parallel` (the TP linear-layer factory),
+:mod:`~simflow.parallel.mpu` (DeepSpeed's mpu over the TP/DP groups), :mod:`~simflow.parallel.tensor_parallel` (the TP linear-layer factory),
 :mod:`~simflow.parallel.deepspeed_engine` (ZeRO-3 engine), :mod:`~simflow.parallel.fsdp2_engine` (FSDP2 + DTensor TP
 engine) with :mod:`~simflow.parallel.fsdp2_parallelize` (its TP plan and ``fully_shard`` units),
 :mod:`~simflow.parallel.factory` (``build_engine``).

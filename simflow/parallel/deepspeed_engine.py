@@ -13,10 +13,10 @@ What it does, in the order a run sees it:
    layers come from :class:`~simflow.parallel.tensor_parallel.TensorParallelLinearFactory` when ``tp_size > 1``.
 3. ``deepspeed.initialize`` with a ``torch.optim.AdamW`` **client optimizer** (DeepSpeed's FusedAdam would JIT-build
    a CUDA/CPU op; torch's ``fused=True`` on the flat ZeRO-3 partitions rounds differently from the local engine's
-   per-parameter fused kernel, enough to break the 1e-5 local-vs-sharded loss test, so it stays foreach) and, when
-   ``tp_size > 1``, the :class:`~simflow.parallel.mpu.MegatronMPU` adapter, so ZeRO-3 shards over DP only and the
-   gradient norm counts TP-replicated parameters once. At TP = 1 DeepSpeed gets no ``mpu`` (DP = the world) and
-   megatron-core is never imported (about 2 s of CPU per process).
+   per-parameter fused kernel, enough to break the 1e-5 local-vs-sharded loss test, so it stays foreach) and the
+   :class:`~simflow.parallel.mpu.DeepSpeedMPU` adapter, so ZeRO-3 shards over DP only and the gradient norm counts
+   TP-replicated parameters once. At TP > 1 the adapter serves megatron-core's groups; at TP = 1 the topology's
+   own (DP = the world), and megatron-core is never imported (about 2 s of CPU per process).
 4. **Sharded EMA**: for each tracked parameter the EMA is an fp32 copy of *this rank's* ZeRO-3 partition of the
    fp32 master weight, updated in place (``ema <- d ema + (1 - d) theta``; method §8); nothing is gathered per step.
 5. **Topology-free state**: :meth:`state_dict` gathers, parameter by parameter, the full fp32 weights, the AdamW
@@ -65,6 +65,7 @@ from simflow.config import SimFlowConfig, global_batch_size
 from simflow.parallel.engine import (ADAM_KEYS, NONFINITE_GRAD_NORM, NONFINITE_LOSS, BufferGuard, Engine,
                                      ema_decay_at, lr_at, optimizer_settings, requires_grad_off,
                                      sharded_load_targets, tp_partition_dim)
+from simflow.parallel.mpu import DeepSpeedMPU
 
 
 
@@ -78,7 +79,7 @@ def deepspeed_config(cfg: SimFlowConfig, dp_size: int, device: torch.device) -> 
     """The DeepSpeed JSON config derived from the SimFlow config (never written by hand).
 
     ``train_batch_size = micro_batch_size x grad_accumulation x dp_size`` (DeepSpeed re-checks it against the
-    DP size: the mpu's when TP > 1, else the world size); ``gradient_clipping = optim.grad_clip``; ZeRO stage 3 with ``stage3_param_persistence_threshold
+    mpu's DP size); ``gradient_clipping = optim.grad_clip``; ZeRO stage 3 with ``stage3_param_persistence_threshold
     = 0`` (every parameter is partitioned: simpler state handling, and the sharding is exactly 1/DP).
 
     Reduction dtype: in DeepSpeed 0.19.8 ZeRO-3 under ``torch_autocast`` ignores ``communication_data_type`` for
@@ -245,20 +246,22 @@ class DeepSpeedEngine(Engine):
         self.dp_size, self.dp_rank = topology.dp_size, topology.dp_rank
         self.tp_size, self.tp_rank = topology.tp_size, topology.tp_rank
         if self.tp_size > 1:  # megatron-core parallel_state holds the groups (init_topology started it)
-            from simflow.parallel.mpu import MegatronMPU
             from simflow.parallel.tensor_parallel import TensorParallelLinearFactory
 
-            self.mpu = MegatronMPU()
-            self.dp_group = self.mpu.get_data_parallel_group()
-            self.tp_group = self.mpu.get_tensor_model_parallel_group()
-            factory = TensorParallelLinearFactory(self.tp_group)
-        else:  # plain ZeRO-3 over the whole world
-            self.mpu, self.dp_group, self.tp_group = None, dist.group.WORLD, None
+            self.mpu = DeepSpeedMPU.from_megatron()
+            factory = TensorParallelLinearFactory(self.mpu.tp_group)
+        else:  # ZeRO-3 over the whole world; TP = this rank alone (init_topology's groups, no megatron-core)
+            self.mpu = DeepSpeedMPU(topology.tp_group, topology.dp_group)
             factory = DenseLinearFactory()
+        self.tp_group, self.dp_group = self.mpu.tp_group, self.mpu.dp_group
+        if (self.mpu.get_tensor_model_parallel_world_size(), self.mpu.get_data_parallel_world_size()) != (
+                self.tp_size, self.dp_size):
+            raise RuntimeError(f"{role} engine: {self.mpu} disagrees with the topology (TP={self.tp_size}, "
+                               f"DP={self.dp_size})")
         self.ds_config = deepspeed_config(cfg, self.dp_size, self.device)
 
         with deepspeed.zero.Init(
-            data_parallel_group=self.dp_group if self.mpu is not None else None,
+            data_parallel_group=self.dp_group,
             config_dict_or_path=self.ds_config,
             mpu=self.mpu,  # DeepSpeed checks train_batch_size against the DP size, not the world size
         ), init_on_gathered_params():  # no dtype argument: DeepSpeed 0.19.8 would pick bf16 on CPU

@@ -28,7 +28,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -47,8 +47,8 @@ def rank_layout(rank: int, world_size: int, tp_size: int) -> Tuple[int, int]:
 
 def uses_megatron(cfg: SimFlowConfig) -> bool:
     """True when the engine takes its process groups from megatron-core ``parallel_state``: DeepSpeed with TP > 1
-    (its ``mpu`` and the column/row-parallel layers). DeepSpeed at TP = 1 is plain ZeRO-3 over the world, FSDP2
-    uses a ``DeviceMesh``, the local engine no groups."""
+    (its ``mpu`` and the column/row-parallel layers). DeepSpeed at TP = 1 shards over the world (the topology makes
+    its groups), FSDP2 uses a ``DeviceMesh``, the local engine no groups."""
     return cfg.parallel.engine == "deepspeed" and cfg.parallel.tp_size > 1
 
 
@@ -118,6 +118,7 @@ class Topology:
     engine: str
     megatron: bool = False
     _owns_process_group: bool = field(default=False, repr=False)
+    _groups: Optional[Tuple[Any, Any]] = field(default=None, repr=False, compare=False)  # (tp, dp) made here
 
     @classmethod
     def single(cls, device: torch.device = torch.device("cpu"), engine: str = "local",
@@ -151,25 +152,29 @@ class Topology:
 
     @property
     def tp_group(self):
-        """The tensor-parallel process group of megatron-core ``parallel_state`` (``None`` when not distributed).
-        Raises RuntimeError under an engine that keeps its groups in a ``DeviceMesh`` (FSDP2)."""
-        return self._megatron_group("get_tensor_model_parallel_group")
+        """This rank's tensor-parallel process group (``None`` when not distributed): megatron-core's when
+        :attr:`megatron`, else (DeepSpeed at TP = 1) a group of this rank alone. Raises RuntimeError under an engine
+        that keeps its groups in a ``DeviceMesh`` (FSDP2)."""
+        return self._group(0, "get_tensor_model_parallel_group")
 
     @property
     def dp_group(self):
-        """The data-parallel process group of megatron-core ``parallel_state`` (``None`` when not distributed).
-        Raises RuntimeError under an engine that keeps its groups in a ``DeviceMesh`` (FSDP2)."""
-        return self._megatron_group("get_data_parallel_group")
+        """This rank's data-parallel process group (``None`` when not distributed): megatron-core's when
+        :attr:`megatron`, else (DeepSpeed at TP = 1) the whole world. Raises RuntimeError under an engine that keeps
+        its groups in a ``DeviceMesh`` (FSDP2)."""
+        return self._group(1, "get_data_parallel_group")
 
-    def _megatron_group(self, getter: str):
+    def _group(self, index: int, megatron_getter: str):
         if not self.distributed:
             return None
+        if self._groups is not None:
+            return self._groups[index]
         if not self.megatron:
-            raise RuntimeError(f"parallel.engine={self.engine}: no megatron-core groups (the engine builds its own, "
-                               f"e.g. FSDP2's DeviceMesh)")
+            raise RuntimeError(f"parallel.engine={self.engine}: no TP/DP process groups here (the engine builds its "
+                               f"own, e.g. FSDP2's DeviceMesh)")
         from megatron.core import parallel_state
 
-        return getattr(parallel_state, getter)()
+        return getattr(parallel_state, megatron_getter)()
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process without a process group)."""
@@ -272,8 +277,12 @@ def init_topology(
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if not uses_megatron(cfg):
         tp_rank, dp_rank = rank_layout(env.rank, env.world_size, cfg.parallel.tp_size)
+        groups = None
+        if cfg.parallel.engine == "deepspeed":  # TP = 1: DeepSpeed's mpu gets this rank alone as TP, the world as DP
+            groups = (_own_rank_group(env.rank, env.world_size), torch.distributed.group.WORLD)
         return Topology(env=env, tp_size=cfg.parallel.tp_size, tp_rank=tp_rank, dp_size=dp, dp_rank=dp_rank,
-                        device=device, backend=backend, engine=cfg.parallel.engine, _owns_process_group=owns)
+                        device=device, backend=backend, engine=cfg.parallel.engine, _owns_process_group=owns,
+                        _groups=groups)
 
     from megatron.core import parallel_state
 
@@ -306,6 +315,17 @@ def init_topology(
                            f"({topo.tp_rank}, {topo.dp_rank}, {topo.dp_size}), expected "
                            f"{(*rank_layout(env.rank, env.world_size, topo.tp_size), dp)}")
     return topo
+
+
+def _own_rank_group(rank: int, world_size: int):
+    """The process group holding ``rank`` alone. Collective: ``torch.distributed.new_group`` must be called by every
+    rank for every group, in the same order, so each rank creates all ``world_size`` singleton groups."""
+    own = None
+    for r in range(world_size):
+        g = torch.distributed.new_group([r])
+        if r == rank:
+            own = g
+    return own
 
 
 def destroy_topology(topo: Optional[Topology] = None) -> None:
