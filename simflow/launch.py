@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from typing import Any, Dict, Iterator, List, NoReturn, Optional
 
@@ -55,8 +54,9 @@ from simflow.data.loader import DataError
 from simflow.data.shards import check_data_path
 from simflow.eval.self_score import score_run
 from simflow.parallel.factory import build_engine
-from simflow.parallel.topology import Topology, check_parallel_config, destroy_topology, init_topology
-from simflow.runtime import DistEnv, detect_dist_env, resolve_device
+from simflow.parallel.topology import (Topology, check_parallel_config, destroy_topology, init_topology,
+                                       process_group_started)
+from simflow.runtime import DistEnv, detect_dist_env, exit_now, resolve_device
 from simflow.train.signals import (CONFIG_EXIT_CODE, LOCKED_EXIT_CODE, REQUEUE_EXIT_CODE, RequeueExit,
                                    hold_handlers_after_requeue)
 from simflow.train.trainer import run
@@ -143,20 +143,21 @@ def claimed_run_dir(cfg) -> Iterator[Optional[int]]:
 def entry(argv: Optional[List[str]] = None) -> NoReturn:
     """Process entry point (``python -m simflow.launch``, ``python -m simflow.train``): :func:`main`, then exit with its
     status. After a stop signal the trainer raises :class:`~simflow.train.signals.RequeueExit` once the stop step is
-    committed on every rank; this then flushes the logs and leaves with ``os._exit(75)``, skipping interpreter
-    finalization, so that a second signal (torchrun's SIGTERM to the surviving workers, srun's relay) cannot kill the
-    process with -15 after Python restored its default handlers."""
+    committed on every rank; this then leaves with status 75 through :func:`simflow.runtime.exit_now`, skipping
+    interpreter finalization, so that a second signal (torchrun's SIGTERM to the surviving workers, srun's relay)
+    cannot kill the process with -15 after Python restored its default handlers. A process that started process
+    groups leaves the same way with any status: gloo's threads can abort a finalizing interpreter (``exit_now``)."""
     hold_handlers_after_requeue()  # this process ends right after a stop step: later signals are only recorded
     try:
         rc = main(argv)
     except RequeueExit:
-        logging.shutdown()
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(REQUEUE_EXIT_CODE)
+        exit_now(REQUEUE_EXIT_CODE)
+    except SystemExit as e:  # NonFiniteExit (status 3) and friends, after the process groups were torn down
+        if process_group_started():
+            exit_now(e.code if isinstance(e.code, int) else 1)
+        raise
+    if process_group_started():
+        exit_now(rc)
     sys.exit(rc)
 
 

@@ -19,7 +19,7 @@ import re
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Mapping, NoReturn, Optional, Sequence
 
 import torch
 
@@ -241,7 +241,33 @@ def code_version(dirty_paths: Sequence[str] = ("simflow", "tools", "configs")) -
         return "unknown"
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with status ``code`` without interpreter finalization: run the ``atexit`` handlers (logging
+    shutdown, wandb, ...), flush stdout/stderr, then ``os._exit(code)``.
+
+    For every process that ran ``torch.distributed`` collectives. gloo's worker threads (``pt_gloo_runloop``) outlive
+    ``destroy_process_group`` (they stop only when the last Python reference to the group goes, at finalization),
+    and a thread that drops a finished work holding Python-owned tensors (e.g. an ``all_gather`` output list) takes
+    the GIL to free them. Once finalization has begun that takes the thread down with ``pthread_exit`` through
+    ``noexcept`` C++ frames: "terminate called without an active exception", SIGABRT, exit status -6 after a run
+    that had finished (seen here under gdb: ``AsyncAllgatherWork::~AsyncAllgatherWork`` -> ``decref_pyobject`` ->
+    ``take_gil`` -> ``PyThread_exit_thread``). Skipping finalization closes that window; files the code opened are
+    closed by then (context managers), and nothing else is lost."""
+    import atexit
+    import sys
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 __all__ = [
     "DistEnv", "detect_dist_env", "rendezvous_base_port", "free_port", "first_slurm_host",
-    "expand_slurm_tasks_per_node", "resolve_device", "autocast_dtype", "code_version",
+    "expand_slurm_tasks_per_node", "resolve_device", "autocast_dtype", "code_version", "exit_now",
 ]

@@ -34,6 +34,9 @@ def _entry(rank: int, world: int, port: int, errdir: str, fn: Callable, args: Se
         with open(os.path.join(errdir, f"error_rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    from simflow.runtime import exit_now
+
+    exit_now(0)  # as simflow.launch does: gloo's threads can abort a finalizing interpreter
 
 
 def spawn(fn: Callable, world: int, args: Sequence[Any], errdir: str, timeout: float = 600.0) -> None:
@@ -282,14 +285,14 @@ def _local_state(tr) -> Dict[str, Any]:
 def _save_with_poisoned_zero3_padding(tr) -> Dict[str, Any]:
     """Fill the ZeRO-3 padding tail of every fp32 master partition, AdamW moment and EMA partition on this rank with
     NaN (DeepSpeed allocates those tails with ``torch.empty``: whatever bytes the allocator hands back), save a
-    checkpoint, and report: padded elements poisoned, whether the step committed, and whether its data equals the
-    state's (padding excluded)."""
+    checkpoint, put the tails back, and report: padded elements poisoned, whether the step committed, whether the
+    full (gathered) state is finite."""
     from deepspeed.utils import safe_get_local_optimizer_state
 
     from simflow.checkpoint.sharded import zero3_range
     from simflow.checkpoint.store import MARKER
 
-    poisoned = 0
+    poisoned, tails = 0, []
     with torch.no_grad():
         for eng in (tr.gen, tr.disc):
             for name, p in eng._params.items():
@@ -299,11 +302,15 @@ def _save_with_poisoned_zero3_padding(tr) -> Dict[str, Any]:
                           if name in eng._trainable]
                 flats += [eng.ema[name]] if name in eng.ema else []
                 for flat in flats:
+                    tails.append((flat, flat[stop - start:].clone()))
                     flat[stop - start:] = float("nan")
                     poisoned += flat.numel() - (stop - start)
     before = tr.gen.state_dict()
     d = tr.save(block=True)
     committed = os.path.exists(os.path.join(d, MARKER))
+    with torch.no_grad():
+        for flat, tail in tails:
+            flat[flat.numel() - tail.numel():] = tail
     return {"poisoned": poisoned, "committed": committed, "dir": d, "full_finite": all(
         bool(torch.isfinite(t).all()) for t in list(before["module"].values()) + list(before["ema"].values()))}
 

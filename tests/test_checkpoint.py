@@ -319,6 +319,33 @@ def test_a_save_refused_for_non_finite_state_stops_the_run_with_status_3(tmp_pat
     assert [s for s, _ in list_steps(root)] == [2] and verify(os.path.join(root, "step-0000002"))[0]
 
 
+def test_a_failed_write_only_logs_and_the_final_step_is_retried(tmp_path, demo_npz, monkeypatch, caplog):
+    """Storage errors are not the state's fault: the write of step 2 fails (logged, not committed, training goes
+    on), the first write of the final step 4 fails too and is retried once at the end; the run ends normally with
+    step 4 committed."""
+    import simflow.checkpoint.manager as manager
+
+    real, calls = manager.write_tensors, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "write_tensors", flaky)
+    t = Trainer(cfg_for(demo_npz, tmp_path, "train.steps=4", "checkpoint.every_steps=2"))
+    with caplog.at_level(logging.WARNING, logger="simflow"):
+        t.fit()
+    assert t.step == 4 and len(calls) == 3
+    text = caplog.text
+    assert "checkpoint of step 2 NOT committed (rank 0: write failed: OSError: disk on fire)" in text
+    assert "retrying the save of the final step 4 (rank 0: write failed: OSError: disk on fire)" in text
+    root = os.path.join(tmp_path, "checkpoints")
+    assert [s for s, _ in list_steps(root)] == [4] and verify(os.path.join(root, "step-0000004"))[0]
+    assert t.checkpointer.refused is None
+
+
 def test_only_written_elements_count_as_non_finite():
     """A FlatShard's ZeRO-3 padding tail is never written (DeepSpeed allocates it uninitialised): NaN/Inf there does
     not refuse a commit, NaN/Inf in its data range (or in a plain tensor) does."""

@@ -151,13 +151,23 @@ def test_launcher_rejects_bad_layout_before_any_process_group(overrides, env, ke
     assert not torch.distributed.is_initialized()
 
 
-def test_rank_layout_is_megatron_order():
-    """TP groups are adjacent ranks, DP groups ranks TP apart: world 8, TP 2 -> rank 5 is (tp 1, dp 2); megatron-core
-    places the DeepSpeed engine's ranks alike (init_topology checks it on every rank) and FSDP2's mesh is (dp, tp)."""
+@pytest.mark.parametrize("world,tp", [(8, 2), (8, 4), (6, 3), (4, 1), (4, 4), (1, 1)])
+def test_rank_layout_is_megatron_order(world, tp):
+    """rank_layout places every rank where megatron-core's own rank generator does (order tp-cp-ep-dp-pp, the one
+    init_topology starts for DeepSpeed at TP > 1): its TP rank is its index in its TP group, its DP rank its index in
+    its DP group. Hand-checked: world 8, TP 2 -> rank 5 is (tp 1, dp 2)."""
+    from megatron.core.parallel_state import RankGenerator
+
     from simflow.parallel.topology import rank_layout
 
-    assert [rank_layout(r, 8, 2) for r in range(8)] == [(r % 2, r // 2) for r in range(8)]
-    assert rank_layout(5, 8, 2) == (1, 2) and rank_layout(3, 4, 1) == (0, 3) and rank_layout(3, 4, 4) == (3, 0)
+    gen = RankGenerator(tp=tp, ep=1, dp=world // tp, pp=1, cp=1, order="tp-cp-ep-dp-pp")
+    expected = {}
+    for kind, slot in (("tp", 0), ("dp", 1)):
+        for group in gen.get_ranks(kind):
+            for i, r in enumerate(group):
+                expected.setdefault(r, [None, None])[slot] = i
+    assert [rank_layout(r, world, tp) for r in range(world)] == [tuple(expected[r]) for r in range(world)]
+    assert rank_layout(5, 8, 2) == (1, 2)
     for bad in ((0, 6, 4), (6, 6, 2), (-1, 4, 2), (0, 4, 0)):
         with pytest.raises(ValueError, match="rank_layout"):
             rank_layout(*bad)

@@ -176,4 +176,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from simflow.parallel.topology import process_group_started
+    from simflow.runtime import exit_now
+
+    code = main()
+    if process_group_started():
+        exit_now(code or 0)  # gloo's threads can abort a finalizing interpreter (simflow.runtime.exit_now)
+    sys.exit(code)

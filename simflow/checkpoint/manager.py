@@ -9,7 +9,8 @@ One save (collective; format in :mod:`simflow.checkpoint.store`)::
     write rng-<rank>.pt (every rank), common.json (rank 0)
     finiteness check + dcp.save of the staged chunks  ...in a background thread when checkpoint.async_save
     finalize: every rank hashed its own files -> all-gather of records and flags -> rank 0 writes manifest.json,
-              COMMITTED, latest, prunes; a non-finite tensor anywhere refuses the commit and deletes the directory
+              COMMITTED, latest, prunes; a non-finite written element anywhere (ZeRO-3 padding excluded) refuses
+              the commit and deletes the directory (the trainer then stops: Trainer.check_refused_checkpoint)
 
 The background write runs its DCP collectives on a process group of its own (gloo), and the main thread polls and
 finalizes on another, so the two never interleave collectives on one group. :meth:`poll` (every step while a save
@@ -258,6 +259,7 @@ class Checkpointer:
         if rng is not None and self.rng_set is not None:
             self.rng_set(rng)
         self.last_stats = {"read": stats}
+        self.refused = None  # the state in memory is the loaded one now
         return found, common["trainer"], {"skipped": skipped, "manifest": manifest, "exact_rng": exact,
                                          "read": stats}
 

@@ -10,8 +10,9 @@ parallel", and the pipeline group is this rank alone.
 DeepSpeed uses it to: partition ZeRO-3 parameters over the data-parallel group only (each TP rank keeps its own
 slice of TP-split weights), reduce gradients over the data-parallel group, and count replicated parameters once in
 the gradient norm (only on TP rank 0, then summed over the TP group). An mpu is passed at TP = 1 too: without one,
-DeepSpeed falls back to a clone of the world group that it caches for the life of the process, which is stale once a
-process starts a second process group (two trainers in one process, e.g. the tests).
+DeepSpeed falls back to a clone of the world group that it caches until its own ``destroy_process_group`` (torch's,
+which :func:`~simflow.parallel.topology.destroy_topology` calls, leaves it), so it is stale once a process starts a
+second process group (two trainers in one process, e.g. the tests).
 
 It deliberately has no ``initialize_sequence_parallel`` attribute: DeepSpeed treats an ``mpu`` with that method as
 an Ulysses sequence-parallel unit.

@@ -36,6 +36,15 @@ from simflow.config import ConfigError, SimFlowConfig, derive_grad_accumulation,
 from simflow.runtime import DistEnv, detect_dist_env, free_port, resolve_device
 
 
+_STARTED = False  # init_topology started a process group in this process (its gloo/NCCL threads may still run)
+
+
+def process_group_started() -> bool:
+    """True once :func:`init_topology` started ``torch.distributed`` in this process (also after
+    :func:`destroy_topology`): such a process should end through :func:`simflow.runtime.exit_now`."""
+    return _STARTED
+
+
 def rank_layout(rank: int, world_size: int, tp_size: int) -> Tuple[int, int]:
     """``(tp_rank, dp_rank)`` of global ``rank``: TP groups are ``tp_size`` adjacent ranks, DP groups the ranks
     ``tp_size`` apart (megatron-core's ``tp-cp-ep-dp-pp`` order with CP = EP = PP = 1; the FSDP2 engine's ``(dp,
@@ -235,6 +244,7 @@ def init_topology(
     Raises:
         ConfigError: bad layout or environment.
     """
+    global _STARTED
     env = env or detect_dist_env()
     dp = check_parallel_config(cfg, env.world_size)
     device = resolve_device(cfg.train.device, env.local_rank, "train.device")
@@ -270,6 +280,7 @@ def init_topology(
             **kwargs,
         )
         owns = True
+    _STARTED = True
 
     if cfg.parallel.engine == "deepspeed":
         import deepspeed
@@ -346,5 +357,6 @@ __all__ = [
     "check_parallel_config",
     "rank_layout",
     "uses_megatron",
+    "process_group_started",
     "resolve_backend",
 ]

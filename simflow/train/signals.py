@@ -68,8 +68,8 @@ class RequeueExit(SystemExit):
 
 class NonFiniteExit(SystemExit):
     """Raised by the trainer on every rank alike when ``train.max_skipped_steps`` consecutive steps were skipped as
-    non-finite; the process exits with :data:`NONFINITE_EXIT_CODE` (nothing is saved: the newest checkpoint holds
-    the last good state).
+    non-finite, or when a save was refused because the state held NaN/Inf; the process exits with
+    :data:`NONFINITE_EXIT_CODE` (nothing more is saved: the newest checkpoint holds the last good state).
 
     Attributes:
         step: the trainer step at which the run stopped; message: what was non-finite, and where.

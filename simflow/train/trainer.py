@@ -182,7 +182,7 @@ class Trainer:
         try:
             yield watchdog
         except RequeueExit:
-            requeue = True  # the stop step is committed: later signals must not change the exit status (75)
+            requeue = True  # the stop step's save is finished: later signals must not change the exit status (75)
             raise
         finally:
             watchdog.stop()
@@ -440,10 +440,14 @@ class Trainer:
                 if stop:
                     bar.close()
                     got = boundary.flag.received
+                    failed = self.checkpointer.refused  # only a write failure gets here (non-finite stopped above)
+                    saved = (f"the save of step {self.step} FAILED ({describe_refusal(failed)}), so the requeued "
+                             f"job resumes from the newest committed step" if failed else
+                             f"saved step {self.step} on every rank")
                     if got or self.topo.is_main:
-                        log.warning("stop requested by %s: saved step %d on every rank; exiting with the requeue "
-                                    "status %d", f"{got} on rank {self.topo.rank}" if got else "a signal to another "
-                                    "rank", self.step, REQUEUE_EXIT_CODE)
+                        log.warning("stop requested by %s: %s; exiting with the requeue status %d",
+                                    f"{got} on rank {self.topo.rank}" if got else "a signal to another rank", saved,
+                                    REQUEUE_EXIT_CODE)
                     raise RequeueExit(self.step)
             bar.close()
             out = {"step": self.step, "metrics": m}
@@ -453,6 +457,12 @@ class Trainer:
                 self._save_checked(block=False)
             self.checkpointer.wait()
             self.check_refused_checkpoint()
+            failed = self.checkpointer.refused
+            if failed is not None and failed["step"] == self.step:  # the final step's write failed: retry it once
+                if self.topo.is_main:
+                    log.warning("retrying the save of the final step %d (%s)", self.step, describe_refusal(failed))
+                self.save(block=True)
+                self.check_refused_checkpoint()
             watchdog.beat("final samples and export")
             samples = self.sample_grid(os.path.join(self.out_dir, "samples.png"))  # collective: every rank
             weights = self.export(os.path.join(self.out_dir, "weights.safetensors"))
