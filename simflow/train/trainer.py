@@ -27,7 +27,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -314,10 +314,14 @@ class Trainer:
             msg = (f"{rep.consecutive} consecutive non-finite steps up to step {self.step} (train.max_skipped_steps="
                    f"{limit}; last window: {rep.describe()}): the run stops without saving; the newest checkpoint "
                    f"holds the last good state. Lower optim.lr or check the data, then restart")
-            exc = NonFiniteExit(self.step, msg)
-            if self.topo.is_main:
-                log.error("%s; exiting with status %d", msg, exc.code)
-            raise exc
+            self._stop_nonfinite(msg)
+
+    def _stop_nonfinite(self, msg: str) -> NoReturn:
+        """Log ``msg`` once (main rank) and raise :class:`NonFiniteExit` (status 3); every rank calls it alike."""
+        exc = NonFiniteExit(self.step, msg)
+        if self.topo.is_main:
+            log.error("%s; exiting with status %d", msg, exc.code)
+        raise exc
 
     def check_refused_checkpoint(self) -> None:
         """After a save was finalized (``save``, ``poll``, ``wait``): a save refused because the state held NaN/Inf
@@ -334,10 +338,7 @@ class Trainer:
         msg = (f"checkpoint of step {refused['step']} refused ({describe_refusal(refused)}): the training state in "
                f"memory is non-finite, so no later save can commit; the run stops, and the newest committed checkpoint "
                f"holds the last good state")
-        exc = NonFiniteExit(self.step, msg)
-        if self.topo.is_main:
-            log.error("%s; exiting with status %d", msg, exc.code)
-        raise exc
+        self._stop_nonfinite(msg)
 
     def _save_checked(self, block: bool) -> None:
         """:meth:`save` inside ``fit``: the previous background save is finalized and checked first (a refused one
