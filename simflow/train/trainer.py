@@ -442,6 +442,7 @@ class Trainer:
                     bar.close()
                     got = boundary.flag.received
                     failed = self.checkpointer.refused  # only a write failure gets here (non-finite stopped above)
+                    failed = failed if failed is not None and failed["step"] == self.step else None
                     saved = (f"the save of step {self.step} FAILED ({describe_refusal(failed)}), so the requeued "
                              f"job resumes from the newest committed step" if failed else
                              f"saved step {self.step} on every rank")
